@@ -1,0 +1,2 @@
+//! Frontend benches: parsing and planning.
+fn main() {}

@@ -1,0 +1,1 @@
+//! `.dockerignore` and `--exclude` patterns, following moby's patternmatcher rules.

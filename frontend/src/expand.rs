@@ -1,0 +1,1 @@
+//! Variable expansion and word splitting, following BuildKit's `shell` package rules.
