@@ -11,3 +11,10 @@
 
 pub mod dockerignore;
 pub mod expand;
+pub mod error;
+pub mod graph;
+pub mod instructions;
+pub mod parser;
+
+pub use error::{Error, ErrorKind, Location};
+pub use graph::{BuildGraph, ImageResolver, NoImages, PlanOptions, Platform, plan};
