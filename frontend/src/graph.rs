@@ -419,31 +419,79 @@ impl BuildGraph {
     }
 
     /// Vertices in dependency order: each after everything it needs; among the ready ones,
-    /// earlier stages and steps first, so the order is deterministic.
+    /// the earliest stage and step first, so the order is deterministic.
     pub fn dependency_order(&self) -> Vec<Vertex> {
         let mut remaining: Vec<usize> = self
             .graph
             .node_indices()
             .map(|node| self.graph.edges_directed(node, Direction::Incoming).count())
             .collect();
-        let mut ready: BinaryHeap<Reverse<(Vertex, usize)>> = self
+        // Among ready vertices, the earliest stage and step first: stages read top to bottom.
+        let key = |vertex: Vertex| match vertex {
+            Vertex::Base { stage } => (stage, 0),
+            Vertex::Step { stage, step } => (stage, step + 1),
+        };
+        let mut ready: BinaryHeap<Reverse<((usize, usize), usize)>> = self
             .graph
             .node_indices()
             .filter(|node| remaining[node.index()] == 0)
-            .map(|node| Reverse((self.graph[node], node.index())))
+            .map(|node| Reverse((key(self.graph[node]), node.index())))
             .collect();
         let mut order = Vec::with_capacity(self.graph.node_count());
-        while let Some(Reverse((vertex, index))) = ready.pop() {
-            order.push(vertex);
+        while let Some(Reverse((_, index))) = ready.pop() {
+            order.push(self.graph[NodeIndex::new(index)]);
             for edge in self.graph.edges_directed(NodeIndex::new(index), Direction::Outgoing) {
                 let target = edge.target().index();
                 remaining[target] -= 1;
                 if remaining[target] == 0 {
-                    ready.push(Reverse((self.graph[edge.target()], target)));
+                    ready.push(Reverse((key(self.graph[edge.target()]), target)));
                 }
             }
         }
         order
+    }
+
+    /// A readable, deterministic account of the plan (no digests): the target, each needed
+    /// stage with its base and steps, and the dependency order. Golden tests compare it.
+    pub fn describe(&self) -> String {
+        let mut out = format!("target: {}\n", self.target_stage().display_name());
+        for stage in &self.stages {
+            let base = match &stage.base {
+                Base::Scratch => "scratch".to_string(),
+                Base::Image(reference) => format!("image {reference}"),
+                Base::Stage(index) => format!("stage {}", self.stage(*index).map_or_else(|| index.to_string(), Stage::display_name)),
+            };
+            out.push_str(&format!(
+                "stage {} {} (line {}): from {base} [{}]\n",
+                stage.index,
+                stage.display_name(),
+                stage.location.start_line,
+                stage.platform
+            ));
+            for (position, step) in stage.steps.iter().enumerate() {
+                let onbuild = if step.from_onbuild { " (onbuild)" } else { "" };
+                out.push_str(&format!(
+                    "  {}/{} line {}{onbuild}: {}\n",
+                    position + 1,
+                    stage.steps.len(),
+                    step.location.start_line,
+                    describe_op(&step.op)
+                ));
+            }
+        }
+        let order: Vec<String> = self
+            .dependency_order()
+            .into_iter()
+            .map(|vertex| match vertex {
+                Vertex::Base { stage } => format!("{stage}:from"),
+                Vertex::Step { stage, step } => format!("{stage}:{}", step + 1),
+            })
+            .collect();
+        out.push_str(&format!("order: {}\n", order.join(" ")));
+        for warning in &self.warnings {
+            out.push_str(&format!("warning: {warning}\n"));
+        }
+        out
     }
 
     /// The step a vertex names, if it is a step.
@@ -1280,6 +1328,17 @@ impl<'a> Planner<'a> {
             warnings,
         })
     }
+}
+
+/// One line for an op: its kind and its expanded fields as JSON.
+pub fn describe_op(op: &Op) -> String {
+    let (kind, value) = match op {
+        Op::Run(run) => ("run", serde_json::to_string(run)),
+        Op::Copy(copy) => (if copy.is_add { "add" } else { "copy" }, serde_json::to_string(copy)),
+        Op::Workdir { path } => ("workdir", serde_json::to_string(path)),
+        Op::Config(change) => ("config", serde_json::to_string(change)),
+    };
+    format!("{kind} {}", value.expect("plan values serialize"))
 }
 
 /// A variable lookup over (name, optional value) pairs where the last pair wins.

@@ -1,0 +1,217 @@
+//! The command line: clap structs only, then the hand-over to validated options and commands.
+//!
+//! `rbuild -t app:v1 .` is `rbuild build -t app:v1 .`: when the first word after the global
+//! options is not a command, `build` is assumed, as the contract says.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands;
+use crate::options::{BuildOptions, Status, UsageError};
+
+/// Build OCI images from Dockerfiles: parallel, content-cached, reproducible.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rbuild",
+    version,
+    about,
+    after_help = "With no command, `build` is assumed: `rbuild -t app:v1 .` is `rbuild build -t app:v1 .`\n\nExit status: 0 success; 1 the build or command failed (a bad Dockerfile, a failing step, a missing file); 2 bad command-line usage; 3 an internal error in rbuild."
+)]
+pub struct Cli {
+    /// Directory holding all state: content store, image store, cache, snapshots
+    /// [default: /var/lib/rbuild as root, else $XDG_DATA_HOME/rbuild]
+    #[arg(long, global = true, env = "RBUILD_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: CommandLine,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum CommandLine {
+    /// Build an image from a Dockerfile and a context directory (the default command).
+    Build(BuildArguments),
+}
+
+/// `rbuild build`.
+#[derive(Debug, Args)]
+pub struct BuildArguments {
+    /// Name the result NAME[:TAG] in the local image store (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    pub tags: Vec<String>,
+
+    /// The Dockerfile [default: CONTEXT/Dockerfile]; `-` reads it from standard input.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+
+    /// Set a build argument; a bare KEY takes its value from the environment (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE|KEY")]
+    pub build_args: Vec<String>,
+
+    /// Build this stage (and what it needs) instead of the last one.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+
+    /// Build for this platform, os/arch[/variant] [default: the host's].
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+
+    /// Do not use the build cache: every step runs.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// How to show progress.
+    #[arg(long, value_enum, default_value_t = ProgressArgument::Auto)]
+    pub progress: ProgressArgument,
+
+    /// Export the result: type=oci,dest=FILE.tar | type=docker,dest=FILE.tar |
+    /// type=local,dest=DIR | type=tar,dest=FILE | type=image,name=REF[,push=true] (repeatable).
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    pub outputs: Vec<String>,
+
+    /// Import build cache: type=registry,ref=REF | type=local,src=DIR (repeatable).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
+
+    /// Export build cache: type=registry,ref=REF[,mode=min|max] | type=local,dest=DIR[,mode=min|max] (repeatable).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+
+    /// Expose a secret to RUN --mount=type=secret: id=ID,src=PATH | id=ID,env=VAR (repeatable).
+    #[arg(long = "secret", value_name = "SPEC")]
+    pub secrets: Vec<String>,
+
+    /// The network for RUN steps that do not set --network themselves.
+    #[arg(long, value_enum, default_value_t = NetworkArgument::Default)]
+    pub network: NetworkArgument,
+
+    /// Write JSON about the build here: image and config digests, and each step's cache hit or
+    /// miss with the reason for a miss.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+
+    /// Parse and plan only: print the stages and steps in dependency order, with whether each
+    /// would be a cache hit. Runs nothing and fetches nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The format of the --dry-run plan.
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text, requires = "dry_run")]
+    pub format: PlanFormat,
+
+    /// The build context: a directory (.dockerignore honoured).
+    #[arg(value_name = "CONTEXT")]
+    pub context: PathBuf,
+}
+
+/// `--progress`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProgressArgument {
+    /// `tty` on a terminal, else `plain`.
+    Auto,
+    /// One line per step event, BuildKit-like; step output never clipped.
+    Plain,
+    /// Live view of the steps running in parallel.
+    Tty,
+    /// Nothing but errors.
+    Quiet,
+}
+
+/// `--network`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetworkArgument {
+    /// The build's default (host's network).
+    Default,
+    /// No network: only loopback.
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// `--format` of a dry run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// The commands that are not `build`; any other first word means `build`.
+const COMMANDS: &[&str] = &["build", "help"];
+
+/// Inserts `build` after the global options when no command is named.
+pub fn with_default_command(arguments: Vec<OsString>) -> Vec<OsString> {
+    let mut position = 1;
+    while position < arguments.len() {
+        let word = arguments[position].to_string_lossy();
+        if word == "--root" {
+            position += 2;
+        } else if word.starts_with("--root=") {
+            position += 1;
+        } else {
+            break;
+        }
+    }
+    let Some(word) = arguments.get(position).map(|word| word.to_string_lossy().into_owned()) else {
+        return arguments;
+    };
+    if COMMANDS.contains(&word.as_str()) || matches!(word.as_str(), "-h" | "--help" | "-V" | "--version") {
+        return arguments;
+    }
+    let mut arguments = arguments;
+    arguments.insert(position, OsString::from("build"));
+    arguments
+}
+
+/// Parses the process's arguments, runs the command, and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse_from(with_default_command(std::env::args_os().collect()));
+    let status = match cli.command {
+        CommandLine::Build(arguments) => match BuildOptions::from_arguments(arguments, cli.root) {
+            Ok(options) => commands::build::run(&options),
+            Err(error) => usage_failure(&error),
+        },
+    };
+    ExitCode::from(status.code())
+}
+
+fn usage_failure(error: &UsageError) -> Status {
+    eprintln!("error: {error}");
+    eprintln!("\nFor more information, try '--help'.");
+    Status::Usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(text: &str) -> Vec<OsString> {
+        text.split_whitespace().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn build_is_the_default_command() {
+        assert_eq!(with_default_command(words("rbuild -t x .")), words("rbuild build -t x ."));
+        assert_eq!(with_default_command(words("rbuild .")), words("rbuild build ."));
+        assert_eq!(
+            with_default_command(words("rbuild --root /r -t x .")),
+            words("rbuild --root /r build -t x .")
+        );
+        assert_eq!(with_default_command(words("rbuild --root=/r .")), words("rbuild --root=/r build ."));
+        assert_eq!(with_default_command(words("rbuild build .")), words("rbuild build ."));
+        assert_eq!(with_default_command(words("rbuild --help")), words("rbuild --help"));
+        assert_eq!(with_default_command(words("rbuild")), words("rbuild"));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,285 @@
+//! `rbuild build`: read the Dockerfile and `.dockerignore`, plan the build, and print the plan
+//! (`--dry-run`). Executing the plan needs the content store, the sandbox and the solver,
+//! which arrive with their issues; until then a build without `--dry-run` says so and fails.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use rbuild_frontend::dockerignore::IgnoreMatcher;
+use rbuild_frontend::graph::{Base, BuildGraph, Op, Vertex};
+use rbuild_frontend::{NoImages, PlanOptions, Platform};
+use serde::Serialize;
+
+use crate::cli::PlanFormat;
+use crate::options::{BuildOptions, DockerfileSource, Status};
+
+/// Runs `rbuild build` and returns how the process ends.
+pub fn run(options: &BuildOptions) -> Status {
+    if !options.context.is_dir() {
+        eprintln!(
+            "error: the build context {} is not a directory",
+            options.context.display()
+        );
+        return Status::Failure;
+    }
+    let (display_name, text) = match read_dockerfile(&options.dockerfile) {
+        Ok(found) => found,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return Status::Failure;
+        }
+    };
+    let ignore = match read_dockerignore(options) {
+        Ok(ignore) => ignore,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return Status::Failure;
+        }
+    };
+    let plan_options = PlanOptions {
+        build_args: options.build_args.clone(),
+        target: options.target.clone(),
+        target_platform: options.platform.clone(),
+        build_platform: Platform::host(),
+    };
+    let graph = match rbuild_frontend::plan(&text, &plan_options, &NoImages) {
+        Ok(graph) => graph,
+        Err(error) => {
+            eprintln!("{}", error.render(&display_name, &text));
+            return Status::Failure;
+        }
+    };
+    for warning in &graph.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !options.dry_run {
+        eprintln!(
+            "error: rbuild can plan this build but cannot run it yet: the content store, the sandbox and the solver are not built; use --dry-run to see the plan"
+        );
+        return Status::Failure;
+    }
+    let plan = Plan::new(&display_name, &graph, ignore.as_ref());
+    let printed = match options.format {
+        PlanFormat::Text => plan.text(),
+        PlanFormat::Json => serde_json::to_string_pretty(&plan).map(|json| json + "\n").expect("plans serialize"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(printed.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Status::Success,
+        // A closed pipe (`| head`) is not a failure of the build.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Status::Success,
+        Err(error) => {
+            eprintln!("error: writing the plan: {error}");
+            Status::Failure
+        }
+    }
+}
+
+fn read_dockerfile(source: &DockerfileSource) -> Result<(String, String), String> {
+    let (name, bytes) = match source {
+        DockerfileSource::Stdin => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .map_err(|error| format!("reading the Dockerfile from standard input: {error}"))?;
+            ("Dockerfile".to_string(), bytes)
+        }
+        DockerfileSource::Path(path) => {
+            let bytes = std::fs::read(path).map_err(|error| format!("reading the Dockerfile {}: {error}", path.display()))?;
+            (path.display().to_string(), bytes)
+        }
+    };
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok((name, text)),
+        Err(error) => {
+            let valid = &error.as_bytes()[..error.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|byte| **byte == b'\n').count() + 1;
+            Err(format!("{name}:{line}: the Dockerfile is not valid UTF-8"))
+        }
+    }
+}
+
+/// BuildKit reads `<Dockerfile>.dockerignore` beside the Dockerfile first, then
+/// `CONTEXT/.dockerignore`.
+fn dockerignore_path(options: &BuildOptions) -> Option<PathBuf> {
+    if let DockerfileSource::Path(path) = &options.dockerfile {
+        let mut name = path.file_name()?.to_os_string();
+        name.push(".dockerignore");
+        let specific = path.with_file_name(name);
+        if specific.is_file() {
+            return Some(specific);
+        }
+    }
+    let general = options.context.join(".dockerignore");
+    general.is_file().then_some(general)
+}
+
+fn read_dockerignore(options: &BuildOptions) -> Result<Option<(PathBuf, IgnoreMatcher)>, String> {
+    let Some(path) = dockerignore_path(options) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|error| format!("reading {}: {error}", path.display()))?;
+    let matcher = IgnoreMatcher::from_dockerignore(&text).map_err(|error| format!("{}: {error}", path.display()))?;
+    Ok(Some((path, matcher)))
+}
+
+/// The plan as printed: stages and steps in dependency order.
+#[derive(Serialize)]
+struct Plan {
+    dockerfile: String,
+    target: String,
+    dockerignore: Option<DockerignoreSummary>,
+    stages: Vec<PlannedStage>,
+    steps: Vec<PlannedStep>,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct DockerignoreSummary {
+    path: String,
+    patterns: usize,
+}
+
+#[derive(Serialize)]
+struct PlannedStage {
+    index: usize,
+    name: String,
+    base: String,
+    platform: String,
+    line: usize,
+}
+
+#[derive(Serialize)]
+struct PlannedStep {
+    /// `[stage k/n]`, as BuildKit labels steps (the FROM is step 1).
+    label: String,
+    instruction: String,
+    line: usize,
+    kind: &'static str,
+    digest: Option<String>,
+    /// What a build would do with this step now.
+    prediction: String,
+}
+
+impl Plan {
+    fn new(dockerfile: &str, graph: &BuildGraph, ignore: Option<&(PathBuf, IgnoreMatcher)>) -> Self {
+        let stages = graph
+            .stages
+            .iter()
+            .map(|stage| PlannedStage {
+                index: stage.index,
+                name: stage.display_name(),
+                base: describe_base(graph, &stage.base),
+                platform: stage.platform.to_string(),
+                line: stage.location.start_line,
+            })
+            .collect();
+        let steps = graph
+            .dependency_order()
+            .into_iter()
+            .map(|vertex| planned_step(graph, vertex))
+            .collect();
+        Self {
+            dockerfile: dockerfile.to_string(),
+            target: graph.target_stage().display_name(),
+            dockerignore: ignore.map(|(path, matcher)| DockerignoreSummary {
+                path: display(path),
+                patterns: matcher.patterns().len(),
+            }),
+            stages,
+            steps,
+            warnings: graph.warnings.clone(),
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut out = format!("plan for {} (target {})\n", self.dockerfile, self.target);
+        if let Some(ignore) = &self.dockerignore {
+            out.push_str(&format!("context filter: {} ({} patterns)\n", ignore.path, ignore.patterns));
+        }
+        for stage in &self.stages {
+            out.push_str(&format!(
+                "stage {} {}: from {} [{}] (line {})\n",
+                stage.index, stage.name, stage.base, stage.platform, stage.line
+            ));
+        }
+        let width = self.steps.iter().map(|step| step.label.len()).max().unwrap_or(0);
+        for (number, step) in self.steps.iter().enumerate() {
+            out.push_str(&format!(
+                "#{:<3} {:<width$} {}\n      line {}: {}\n",
+                number + 1,
+                step.label,
+                one_line(&step.instruction),
+                step.line,
+                step.prediction
+            ));
+        }
+        out
+    }
+}
+
+fn planned_step(graph: &BuildGraph, vertex: Vertex) -> PlannedStep {
+    let (stage_index, position) = match vertex {
+        Vertex::Base { stage } => (stage, 0),
+        Vertex::Step { stage, step } => (stage, step + 1),
+    };
+    let stage = graph.stage(stage_index).expect("vertices belong to kept stages");
+    let label = format!("[{} {}/{}]", stage.display_name(), position + 1, stage.steps.len() + 1);
+    match graph.step(vertex) {
+        None => PlannedStep {
+            label,
+            instruction: stage.from_instruction.clone(),
+            line: stage.location.start_line,
+            kind: "from",
+            digest: Some(stage.base_digest.clone()),
+            prediction: match &stage.base {
+                Base::Scratch => "empty filesystem".to_string(),
+                Base::Image(reference) => format!("base image {reference}: not in the store (a build would fetch it)"),
+                Base::Stage(_) => "result of the stage it names".to_string(),
+            },
+        },
+        Some(step) => {
+            let (kind, prediction) = match &step.op {
+                Op::Run(_) => ("run", "would run: no build cache in this root yet"),
+                Op::Copy(copy) if copy.is_add => ("add", "would run: no build cache in this root yet"),
+                Op::Copy(_) => ("copy", "would run: no build cache in this root yet"),
+                Op::Workdir { .. } => ("workdir", "would run: no build cache in this root yet"),
+                Op::Config(_) => ("config", "image config only"),
+            };
+            let origin = if step.from_onbuild { " (ONBUILD trigger of the base)" } else { "" };
+            PlannedStep {
+                label,
+                instruction: step.instruction.clone(),
+                line: step.location.start_line,
+                kind,
+                digest: Some(step.digest.clone()),
+                prediction: format!("{prediction}{origin}"),
+            }
+        }
+    }
+}
+
+fn describe_base(graph: &BuildGraph, base: &Base) -> String {
+    match base {
+        Base::Scratch => "scratch".to_string(),
+        Base::Image(reference) => format!("image {reference}"),
+        Base::Stage(index) => format!(
+            "stage {}",
+            graph.stage(*index).map_or_else(|| index.to_string(), |stage| stage.display_name())
+        ),
+    }
+}
+
+fn one_line(instruction: &str) -> String {
+    const LIMIT: usize = 100;
+    let flat: String = instruction.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if flat.chars().count() <= LIMIT {
+        flat
+    } else {
+        format!("{}...", flat.chars().take(LIMIT).collect::<String>())
+    }
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}

@@ -1,0 +1,3 @@
+//! One module a command; each takes validated options and returns how the process exits.
+
+pub mod build;

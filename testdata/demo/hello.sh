@@ -1,0 +1,3 @@
+#!/bin/sh
+cat "$GREETING_FILE"
+cat /usr/share/demo/credits
