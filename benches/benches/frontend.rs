@@ -1,4 +1,5 @@
 //! Frontend benches: parsing and planning Dockerfiles.
+#![allow(missing_docs)] // criterion's macros generate undocumented functions
 //!
 //! `cargo bench -p rbuild-benches --bench frontend` measures
 //! - the whole BuildKit corpus (33 files) parsed to ASTs,
@@ -11,10 +12,14 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rbuild_frontend::{NoImages, PlanOptions, plan};
 
 fn corpus() -> Vec<String> {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/conformance/buildkit/testfiles");
+    let folder =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/conformance/buildkit/testfiles");
     let mut texts: Vec<String> = std::fs::read_dir(folder)
         .expect("corpus folder")
-        .map(|entry| std::fs::read_to_string(entry.expect("entry").path().join("Dockerfile")).expect("Dockerfile"))
+        .map(|entry| {
+            std::fs::read_to_string(entry.expect("entry").path().join("Dockerfile"))
+                .expect("Dockerfile")
+        })
         .collect();
     texts.sort();
     texts
@@ -22,7 +27,8 @@ fn corpus() -> Vec<String> {
 
 /// A large multi-stage Dockerfile: every stage copies from the previous one.
 fn large_dockerfile() -> String {
-    let mut text = String::from("# syntax=docker/dockerfile:1\nARG BASE=busybox:latest\nARG VERSION=1.0\n");
+    let mut text =
+        String::from("# syntax=docker/dockerfile:1\nARG BASE=busybox:latest\nARG VERSION=1.0\n");
     for stage in 0..20 {
         text.push_str(&format!("FROM ${{BASE}} AS stage{stage}\nARG VERSION\nENV STAGE={stage} HOME=/root\nWORKDIR /work/$STAGE\n"));
         if stage > 0 {
@@ -30,7 +36,9 @@ fn large_dockerfile() -> String {
         }
         for step in 0..95 {
             match step % 5 {
-                0 => text.push_str(&format!("RUN --mount=type=cache,target=/cache echo {step} $VERSION > file{step}\n")),
+                0 => text.push_str(&format!(
+                    "RUN --mount=type=cache,target=/cache echo {step} $VERSION > file{step}\n"
+                )),
                 1 => text.push_str(&format!("COPY --chown=1:1 src/{step} ./dest/\n")),
                 2 => text.push_str(&format!("LABEL step{step}=\"value ${{STAGE}}\"\n")),
                 3 => text.push_str(&format!("RUN <<EOF\necho {step}\necho $HOME\nEOF\n")),

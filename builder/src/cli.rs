@@ -158,10 +158,15 @@ pub fn with_default_command(arguments: Vec<OsString>) -> Vec<OsString> {
             break;
         }
     }
-    let Some(word) = arguments.get(position).map(|word| word.to_string_lossy().into_owned()) else {
+    let Some(word) = arguments
+        .get(position)
+        .map(|word| word.to_string_lossy().into_owned())
+    else {
         return arguments;
     };
-    if COMMANDS.contains(&word.as_str()) || matches!(word.as_str(), "-h" | "--help" | "-V" | "--version") {
+    if COMMANDS.contains(&word.as_str())
+        || matches!(word.as_str(), "-h" | "--help" | "-V" | "--version")
+    {
         return arguments;
     }
     let mut arguments = arguments;
@@ -197,15 +202,30 @@ mod tests {
 
     #[test]
     fn build_is_the_default_command() {
-        assert_eq!(with_default_command(words("rbuild -t x .")), words("rbuild build -t x ."));
-        assert_eq!(with_default_command(words("rbuild .")), words("rbuild build ."));
+        assert_eq!(
+            with_default_command(words("rbuild -t x .")),
+            words("rbuild build -t x .")
+        );
+        assert_eq!(
+            with_default_command(words("rbuild .")),
+            words("rbuild build .")
+        );
         assert_eq!(
             with_default_command(words("rbuild --root /r -t x .")),
             words("rbuild --root /r build -t x .")
         );
-        assert_eq!(with_default_command(words("rbuild --root=/r .")), words("rbuild --root=/r build ."));
-        assert_eq!(with_default_command(words("rbuild build .")), words("rbuild build ."));
-        assert_eq!(with_default_command(words("rbuild --help")), words("rbuild --help"));
+        assert_eq!(
+            with_default_command(words("rbuild --root=/r .")),
+            words("rbuild --root=/r build .")
+        );
+        assert_eq!(
+            with_default_command(words("rbuild build .")),
+            words("rbuild build .")
+        );
+        assert_eq!(
+            with_default_command(words("rbuild --help")),
+            words("rbuild --help")
+        );
         assert_eq!(with_default_command(words("rbuild")), words("rbuild"));
     }
 

@@ -188,7 +188,10 @@ pub struct BuildOptions {
 
 impl BuildOptions {
     /// Checks the parsed arguments.
-    pub fn from_arguments(arguments: BuildArguments, root: Option<PathBuf>) -> Result<Self, UsageError> {
+    pub fn from_arguments(
+        arguments: BuildArguments,
+        root: Option<PathBuf>,
+    ) -> Result<Self, UsageError> {
         let dockerfile = match &arguments.file {
             Some(path) if path.as_os_str() == "-" => DockerfileSource::Stdin,
             Some(path) => DockerfileSource::Path(path.clone()),
@@ -230,7 +233,11 @@ impl BuildOptions {
             platform,
             no_cache: arguments.no_cache,
             progress: arguments.progress,
-            outputs: arguments.outputs.iter().map(|spec| parse_output(spec)).collect::<Result<_, _>>()?,
+            outputs: arguments
+                .outputs
+                .iter()
+                .map(|spec| parse_output(spec))
+                .collect::<Result<_, _>>()?,
             cache_from: arguments
                 .cache_from
                 .iter()
@@ -240,10 +247,17 @@ impl BuildOptions {
                 .cache_to
                 .iter()
                 .map(|spec| {
-                    parse_cache(spec, "--cache-to").map(|(location, all_steps)| CacheExport { location, all_steps })
+                    parse_cache(spec, "--cache-to").map(|(location, all_steps)| CacheExport {
+                        location,
+                        all_steps,
+                    })
                 })
                 .collect::<Result<_, _>>()?,
-            secrets: arguments.secrets.iter().map(|spec| parse_secret(spec)).collect::<Result<_, _>>()?,
+            secrets: arguments
+                .secrets
+                .iter()
+                .map(|spec| parse_secret(spec))
+                .collect::<Result<_, _>>()?,
             network: arguments.network,
             metadata_file: arguments.metadata_file,
             dry_run: arguments.dry_run,
@@ -276,7 +290,10 @@ fn key_values(spec: &str, flag: &'static str) -> Result<BTreeMap<String, String>
     let mut pairs = BTreeMap::new();
     for field in spec.split(',').filter(|field| !field.is_empty()) {
         let (key, value) = field.split_once('=').unwrap_or((field, ""));
-        if pairs.insert(key.trim().to_lowercase(), value.to_string()).is_some() {
+        if pairs
+            .insert(key.trim().to_lowercase(), value.to_string())
+            .is_some()
+        {
             return Err(UsageError::Spec {
                 flag,
                 spec: spec.to_string(),
@@ -295,14 +312,28 @@ fn spec_error(flag: &'static str, spec: &str, problem: impl Into<String>) -> Usa
     }
 }
 
-fn check_keys(pairs: &BTreeMap<String, String>, allowed: &[&str], flag: &'static str, spec: &str) -> Result<(), UsageError> {
+fn check_keys(
+    pairs: &BTreeMap<String, String>,
+    allowed: &[&str],
+    flag: &'static str,
+    spec: &str,
+) -> Result<(), UsageError> {
     match pairs.keys().find(|key| !allowed.contains(&key.as_str())) {
-        Some(key) => Err(spec_error(flag, spec, format!("unknown key {key:?} (known: {})", allowed.join(", ")))),
+        Some(key) => Err(spec_error(
+            flag,
+            spec,
+            format!("unknown key {key:?} (known: {})", allowed.join(", ")),
+        )),
         None => Ok(()),
     }
 }
 
-fn required(pairs: &BTreeMap<String, String>, key: &str, flag: &'static str, spec: &str) -> Result<String, UsageError> {
+fn required(
+    pairs: &BTreeMap<String, String>,
+    key: &str,
+    flag: &'static str,
+    spec: &str,
+) -> Result<String, UsageError> {
     pairs
         .get(key)
         .filter(|value| !value.is_empty())
@@ -314,7 +345,11 @@ fn boolean(value: Option<&String>, flag: &'static str, spec: &str) -> Result<boo
     match value.map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("") | Some("true") => Ok(true),
-        Some(other) => Err(spec_error(flag, spec, format!("expected true or false, not {other:?}"))),
+        Some(other) => Err(spec_error(
+            flag,
+            spec,
+            format!("expected true or false, not {other:?}"),
+        )),
     }
 }
 
@@ -325,7 +360,9 @@ pub fn parse_output(spec: &str) -> Result<Output, UsageError> {
         if spec.is_empty() || spec == "-" {
             return Err(spec_error(FLAG, spec, "a destination is required"));
         }
-        return Ok(Output::Local { dest: PathBuf::from(spec) });
+        return Ok(Output::Local {
+            dest: PathBuf::from(spec),
+        });
     }
     let pairs = key_values(spec, FLAG)?;
     let kind = required(&pairs, "type", FLAG, spec)?;
@@ -347,7 +384,11 @@ pub fn parse_output(spec: &str) -> Result<Output, UsageError> {
             let push = kind == "registry" || boolean(pairs.get("push"), FLAG, spec)?;
             Ok(Output::Image { name, push })
         }
-        other => Err(spec_error(FLAG, spec, format!("unknown type {other:?} (oci, docker, local, tar, image)"))),
+        other => Err(spec_error(
+            FLAG,
+            spec,
+            format!("unknown type {other:?} (oci, docker, local, tar, image)"),
+        )),
     }
 }
 
@@ -358,7 +399,13 @@ fn parse_cache(spec: &str, flag: &'static str) -> Result<(CacheLocation, bool), 
     let all_steps = match pairs.get("mode").map(String::as_str) {
         None | Some("min") => false,
         Some("max") => true,
-        Some(other) => return Err(spec_error(flag, spec, format!("mode must be min or max, not {other:?}"))),
+        Some(other) => {
+            return Err(spec_error(
+                flag,
+                spec,
+                format!("mode must be min or max, not {other:?}"),
+            ));
+        }
     };
     let location = match kind.as_str() {
         "registry" => {
@@ -368,13 +415,23 @@ fn parse_cache(spec: &str, flag: &'static str) -> Result<(CacheLocation, bool), 
             CacheLocation::Registry { reference }
         }
         "local" => {
-            let key = if flag == "--cache-from" { "src" } else { "dest" };
+            let key = if flag == "--cache-from" {
+                "src"
+            } else {
+                "dest"
+            };
             check_keys(&pairs, &["type", key, "mode"], flag, spec)?;
             CacheLocation::Local {
                 directory: PathBuf::from(required(&pairs, key, flag, spec)?),
             }
         }
-        other => return Err(spec_error(flag, spec, format!("unknown type {other:?} (registry, local)"))),
+        other => {
+            return Err(spec_error(
+                flag,
+                spec,
+                format!("unknown type {other:?} (registry, local)"),
+            ));
+        }
     };
     Ok((location, all_steps))
 }
@@ -385,7 +442,10 @@ fn parse_secret(spec: &str) -> Result<Secret, UsageError> {
     let pairs = key_values(spec, FLAG)?;
     check_keys(&pairs, &["id", "src", "source", "env", "type"], FLAG, spec)?;
     let id = required(&pairs, "id", FLAG, spec)?;
-    let file = pairs.get("src").or_else(|| pairs.get("source")).filter(|value| !value.is_empty());
+    let file = pairs
+        .get("src")
+        .or_else(|| pairs.get("source"))
+        .filter(|value| !value.is_empty());
     let source = match (file, pairs.get("env").filter(|value| !value.is_empty())) {
         (Some(path), None) => SecretSource::File(PathBuf::from(path)),
         (None, Some(variable)) => SecretSource::Environment(variable.clone()),
@@ -407,21 +467,32 @@ pub fn validate_reference(reference: &str) -> Result<(), &'static str> {
         None => (reference, None),
     };
     if let Some(digest) = digest {
-        let hex = digest.strip_prefix("sha256:").ok_or("a digest must be sha256:<64 hex>")?;
-        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .ok_or("a digest must be sha256:<64 hex>")?;
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
             return Err("a digest must be sha256:<64 hex>");
         }
     }
     let last_slash = name.rfind('/').map_or(0, |position| position + 1);
     let (path, tag) = match name[last_slash..].rfind(':') {
-        Some(colon) => (&name[..last_slash + colon], Some(&name[last_slash + colon + 1..])),
+        Some(colon) => (
+            &name[..last_slash + colon],
+            Some(&name[last_slash + colon + 1..]),
+        ),
         None => (name, None),
     };
     if let Some(tag) = tag {
         let valid = !tag.is_empty()
             && tag.len() <= 128
             && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-            && tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         if !valid {
             return Err("a tag is up to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'");
         }
@@ -437,9 +508,9 @@ pub fn validate_reference(reference: &str) -> Result<(), &'static str> {
         let valid = !component.is_empty()
             && component.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
             && component.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && component
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+            && component.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            });
         if !valid {
             return Err("names are lower-case [a-z0-9] with '.', '_' or '-' between");
         }
@@ -455,12 +526,22 @@ mod tests {
     fn outputs() {
         assert_eq!(
             parse_output("type=oci,dest=out.tar").unwrap(),
-            Output::Oci { dest: "out.tar".into() }
+            Output::Oci {
+                dest: "out.tar".into()
+            }
         );
-        assert_eq!(parse_output("./dir").unwrap(), Output::Local { dest: "./dir".into() });
+        assert_eq!(
+            parse_output("./dir").unwrap(),
+            Output::Local {
+                dest: "./dir".into()
+            }
+        );
         assert_eq!(
             parse_output("type=image,name=127.0.0.1:5000/app:v1,push=true").unwrap(),
-            Output::Image { name: "127.0.0.1:5000/app:v1".into(), push: true }
+            Output::Image {
+                name: "127.0.0.1:5000/app:v1".into(),
+                push: true
+            }
         );
         assert!(parse_output("type=oci").is_err(), "dest is required");
         assert!(parse_output("type=zip,dest=x").is_err());
@@ -472,13 +553,24 @@ mod tests {
     fn caches_and_secrets() {
         assert_eq!(
             parse_cache("type=local,dest=/c,mode=max", "--cache-to").unwrap(),
-            (CacheLocation::Local { directory: "/c".into() }, true)
+            (
+                CacheLocation::Local {
+                    directory: "/c".into()
+                },
+                true
+            )
         );
-        assert!(parse_cache("type=local,dest=/c", "--cache-from").is_err(), "cache-from takes src=");
+        assert!(
+            parse_cache("type=local,dest=/c", "--cache-from").is_err(),
+            "cache-from takes src="
+        );
         assert!(parse_cache("type=registry,ref=r,mode=most", "--cache-to").is_err());
         assert_eq!(
             parse_secret("id=token,src=/tmp/t").unwrap(),
-            Secret { id: "token".into(), source: SecretSource::File("/tmp/t".into()) }
+            Secret {
+                id: "token".into(),
+                source: SecretSource::File("/tmp/t".into())
+            }
         );
         assert_eq!(
             parse_secret("id=TOKEN").unwrap().source,
@@ -489,7 +581,14 @@ mod tests {
 
     #[test]
     fn references() {
-        for good in ["app", "app:v1", "my-app/web_1:1.0-rc", "127.0.0.1:5000/a/b:c", "localhost/x", "a@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
+        for good in [
+            "app",
+            "app:v1",
+            "my-app/web_1:1.0-rc",
+            "127.0.0.1:5000/a/b:c",
+            "localhost/x",
+            "a@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
             assert!(validate_reference(good).is_ok(), "{good}");
         }
         for bad in ["", "App", "app:", "app:.x", "a//b", "-app", "a@sha256:xyz"] {

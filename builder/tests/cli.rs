@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn testdata(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata")
+        .join(path)
 }
 
 fn rbuild(arguments: &[&str]) -> Output {
@@ -46,7 +48,8 @@ struct Context(PathBuf);
 
 impl Context {
     fn new(name: &str, dockerfile: &str) -> Self {
-        let directory = std::env::temp_dir().join(format!("rbuild-cli-{name}-{}", std::process::id()));
+        let directory =
+            std::env::temp_dir().join(format!("rbuild-cli-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&directory);
         std::fs::create_dir_all(&directory).expect("context directory");
         std::fs::write(directory.join("Dockerfile"), dockerfile).expect("Dockerfile");
@@ -70,22 +73,46 @@ fn dry_run_of_the_demo_prints_stages_and_steps_in_dependency_order() {
     let output = rbuild(&["build", "--dry-run", demo.to_str().unwrap()]);
     assert!(output.status.success(), "stderr: {}", stderr(&output));
     let text = stdout(&output);
-    assert!(text.contains("stage 0 build: from image busybox:latest"), "{text}");
-    assert!(text.contains("stage 2 stage-2: from image busybox:latest"), "{text}");
-    assert!(text.contains("context filter:"), "the demo's .dockerignore is read: {text}");
-    let position = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle:?} missing from:\n{text}"));
+    assert!(
+        text.contains("stage 0 build: from image busybox:latest"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stage 2 stage-2: from image busybox:latest"),
+        "{text}"
+    );
+    assert!(
+        text.contains("context filter:"),
+        "the demo's .dockerignore is read: {text}"
+    );
+    let position = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from:\n{text}"))
+    };
     // Each COPY --from comes after the whole stage it reads.
     assert!(position("[build 4/4]") < position("[stage-2 3/7]"));
     assert!(position("[credits 2/2]") < position("[stage-2 4/7]"));
     assert!(position("[stage-2 1/7]") < position("[stage-2 2/7]"));
-    assert!(text.contains("COPY --from=build /out/GREETING /usr/share/demo/\n      line 19:"), "{text}");
-    assert!(text.contains("not in the store"), "missing base images are shown, not errors: {text}");
+    assert!(
+        text.contains("COPY --from=build /out/GREETING /usr/share/demo/\n      line 19:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("not in the store"),
+        "missing base images are shown, not errors: {text}"
+    );
 }
 
 #[test]
 fn build_is_the_default_verb() {
     let demo = testdata("demo");
-    let explicit = rbuild(&["build", "--dry-run", "-t", "demo:v1", demo.to_str().unwrap()]);
+    let explicit = rbuild(&[
+        "build",
+        "--dry-run",
+        "-t",
+        "demo:v1",
+        demo.to_str().unwrap(),
+    ]);
     let implicit = rbuild(&["--dry-run", "-t", "demo:v1", demo.to_str().unwrap()]);
     assert!(implicit.status.success(), "stderr: {}", stderr(&implicit));
     assert_eq!(stdout(&explicit), stdout(&implicit));
@@ -94,7 +121,15 @@ fn build_is_the_default_verb() {
 #[test]
 fn json_plan_has_digests_and_target() {
     let demo = testdata("demo");
-    let output = rbuild(&["build", "--dry-run", "--format", "json", "--target", "build", demo.to_str().unwrap()]);
+    let output = rbuild(&[
+        "build",
+        "--dry-run",
+        "--format",
+        "json",
+        "--target",
+        "build",
+        demo.to_str().unwrap(),
+    ]);
     assert!(output.status.success(), "stderr: {}", stderr(&output));
     let plan: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON plan");
     assert_eq!(plan["target"], "build");
@@ -104,7 +139,10 @@ fn json_plan_has_digests_and_target() {
     assert_eq!(steps.len(), 4);
     for step in steps {
         let digest = step["digest"].as_str().expect("digest");
-        assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+        assert!(
+            digest.starts_with("sha256:") && digest.len() == 71,
+            "{digest}"
+        );
     }
 }
 
@@ -113,7 +151,19 @@ fn build_args_and_dockerfile_from_stdin() {
     let context = Context::new("stdin", "");
     let dockerfile = "ARG BASE=one\nFROM $BASE\nARG MODE\nRUN echo $MODE\n";
     let output = rbuild_with_input(
-        &["build", "--dry-run", "--format", "json", "-f", "-", "--build-arg", "BASE=two:1", "--build-arg", "MODE=fast", context.path()],
+        &[
+            "build",
+            "--dry-run",
+            "--format",
+            "json",
+            "-f",
+            "-",
+            "--build-arg",
+            "BASE=two:1",
+            "--build-arg",
+            "MODE=fast",
+            context.path(),
+        ],
         Some(dockerfile),
     );
     assert!(output.status.success(), "stderr: {}", stderr(&output));
@@ -121,11 +171,25 @@ fn build_args_and_dockerfile_from_stdin() {
     assert_eq!(plan["stages"][0]["base"], "image two:1");
     // A bare --build-arg KEY not set in the environment is dropped, as docker does.
     let output = rbuild_with_input(
-        &["build", "--dry-run", "-f", "-", "--build-arg", "RBUILD_TEST_ARG", "--build-arg", "NOBODY_USES=1", context.path()],
+        &[
+            "build",
+            "--dry-run",
+            "-f",
+            "-",
+            "--build-arg",
+            "RBUILD_TEST_ARG",
+            "--build-arg",
+            "NOBODY_USES=1",
+            context.path(),
+        ],
         Some(dockerfile),
     );
     assert!(output.status.success(), "stderr: {}", stderr(&output));
-    assert!(stderr(&output).contains("NOBODY_USES"), "unused build args are warned about: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("NOBODY_USES"),
+        "unused build args are warned about: {}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -134,11 +198,18 @@ fn bad_dockerfile_exits_1_naming_file_line_and_hint() {
     let output = rbuild(&["build", "--dry-run", context.path()]);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
-    let expected_head = format!("{}/Dockerfile:3: COPY --chwon=1 a /b: unknown flag: --chwon", context.path());
+    let expected_head = format!(
+        "{}/Dockerfile:3: COPY --chwon=1 a /b: unknown flag: --chwon",
+        context.path()
+    );
     assert!(message.starts_with(&expected_head), "{message}");
     assert!(message.contains("hint: did you mean --chown?"), "{message}");
     assert!(message.contains("   3 | COPY --chwon=1 a /b"), "{message}");
-    assert!(stdout(&output).is_empty(), "nothing is planned: {}", stdout(&output));
+    assert!(
+        stdout(&output).is_empty(),
+        "nothing is planned: {}",
+        stdout(&output)
+    );
 }
 
 #[test]
@@ -146,13 +217,25 @@ fn unknown_instruction_and_unknown_target_exit_1() {
     let context = Context::new("unknown", "FROM busybox AS base\nCOPPY a b\n");
     let output = rbuild(&["--dry-run", context.path()]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("unknown instruction: COPPY"), "{}", stderr(&output));
-    assert!(stderr(&output).contains("did you mean COPY?"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("unknown instruction: COPPY"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("did you mean COPY?"),
+        "{}",
+        stderr(&output)
+    );
 
     let context = Context::new("target", "FROM busybox AS base\nRUN true\n");
     let output = rbuild(&["--dry-run", "--target", "nope", context.path()]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("target stage \"nope\" could not be found"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("target stage \"nope\" could not be found"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -169,7 +252,12 @@ fn usage_errors_exit_2() {
         vec!["build"],
     ] {
         let output = rbuild(&arguments);
-        assert_eq!(output.status.code(), Some(2), "{arguments:?}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{arguments:?}: {}",
+            stderr(&output)
+        );
     }
 }
 
@@ -177,11 +265,25 @@ fn usage_errors_exit_2() {
 fn missing_context_or_dockerfile_exits_1() {
     let output = rbuild(&["build", "--dry-run", "/nonexistent/context/dir"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("is not a directory"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is not a directory"),
+        "{}",
+        stderr(&output)
+    );
     let context = Context::new("nofile", "");
-    let output = rbuild(&["build", "--dry-run", "-f", "/nonexistent/Dockerfile", context.path()]);
+    let output = rbuild(&[
+        "build",
+        "--dry-run",
+        "-f",
+        "/nonexistent/Dockerfile",
+        context.path(),
+    ]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("/nonexistent/Dockerfile"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("/nonexistent/Dockerfile"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -189,7 +291,11 @@ fn building_without_dry_run_fails_honestly_for_now() {
     let demo = testdata("demo");
     let output = rbuild(&["build", "-t", "demo:v1", demo.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("cannot run it yet"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot run it yet"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -198,11 +304,26 @@ fn help_lists_every_contract_flag() {
     assert!(output.status.success());
     let help = stdout(&output);
     for flag in [
-        "--tag", "--file", "--build-arg", "--target", "--no-cache", "--progress", "--output", "--cache-from",
-        "--cache-to", "--secret", "--network", "--metadata-file", "--dry-run", "--root",
+        "--tag",
+        "--file",
+        "--build-arg",
+        "--target",
+        "--no-cache",
+        "--progress",
+        "--output",
+        "--cache-from",
+        "--cache-to",
+        "--secret",
+        "--network",
+        "--metadata-file",
+        "--dry-run",
+        "--root",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }
     let top = stdout(&rbuild(&["--help"]));
-    assert!(top.contains("build") && top.contains("Exit status"), "{top}");
+    assert!(
+        top.contains("build") && top.contains("Exit status"),
+        "{top}"
+    );
 }

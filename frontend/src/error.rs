@@ -68,7 +68,7 @@ pub enum ErrorKind {
     UnterminatedHeredoc(String),
     /// The heredoc marker could not be lexed.
     #[error("invalid heredoc marker")]
-    HeredocLexing(#[source] ExpandError),
+    HeredocLexing(#[source] Box<ExpandError>),
     /// An instruction that does not exist.
     #[error("unknown instruction: {instruction}")]
     UnknownInstruction {
@@ -106,7 +106,9 @@ pub enum ErrorKind {
     #[error("no build stage in current context: {0} must come after FROM")]
     InstructionBeforeFrom(String),
     /// A stage name with characters BuildKit rejects.
-    #[error("invalid name for build stage: {0:?}, name can't start with a number or contain symbols")]
+    #[error(
+        "invalid name for build stage: {0:?}, name can't start with a number or contain symbols"
+    )]
     InvalidStageName(String),
     /// Two stages with one name.
     #[error("duplicate stage name {0:?}")]
@@ -122,6 +124,20 @@ pub enum ErrorKind {
         /// How many stages precede the reference.
         available: usize,
     },
+    /// `COPY --from` or `RUN --mount=from=` naming a stage defined later in the file.
+    #[error("{}", if *mount {
+        format!("cannot mount from stage {reference:?} to {current:?}, stage needs to be defined before current command")
+    } else {
+        format!("cannot copy from stage {reference:?}, it needs to be defined before current stage {current:?}")
+    })]
+    StageDefinedLater {
+        /// The `--from` value as given.
+        reference: String,
+        /// The stage that reads it.
+        current: String,
+        /// Whether a RUN mount (not a COPY) reads it.
+        mount: bool,
+    },
     /// Stages that depend on each other in a loop.
     #[error("circular dependency detected on stage: {0}")]
     CircularDependency(String),
@@ -130,7 +146,7 @@ pub enum ErrorKind {
     BlankBaseName(String),
     /// Variable expansion failed.
     #[error("{0}")]
-    Expansion(#[source] ExpandError),
+    Expansion(#[source] Box<ExpandError>),
     /// A `--build-arg` that is not `KEY=VALUE` or `KEY`.
     #[error("invalid build argument {0:?}: expected KEY=VALUE or KEY")]
     InvalidBuildArg(String),
@@ -204,6 +220,9 @@ impl Error {
             ErrorKind::InvalidStageName(_) => {
                 Some("stage names are lower-case letters, digits, '-', '_' and '.', starting with a letter".to_string())
             }
+            ErrorKind::StageDefinedLater { .. } => {
+                Some("move the stage it names above this one".to_string())
+            }
             ErrorKind::NameValueMissingValue(_) => Some("write KEY=VALUE, or KEY VALUE".to_string()),
             ErrorKind::UnterminatedHeredoc(name) => {
                 Some(format!("end the heredoc with a line holding only {name}"))
@@ -225,7 +244,10 @@ impl Error {
         }
         if let Some(location) = self.location {
             let lines: Vec<&str> = source.lines().collect();
-            let last = location.end_line.min(lines.len()).min(location.start_line + 9);
+            let last = location
+                .end_line
+                .min(lines.len())
+                .min(location.start_line + 9);
             if location.start_line >= 1 && location.start_line <= last {
                 out.push('\n');
                 for number in location.start_line..=last {
@@ -315,7 +337,9 @@ mod tests {
             "COPY --chwon=1 a /b",
         );
         let rendered = error.render("Dockerfile", source);
-        assert!(rendered.starts_with("Dockerfile:2: COPY --chwon=1 a /b: unknown flag: --chwon\nhint: did you mean --chown?"));
+        assert!(rendered.starts_with(
+            "Dockerfile:2: COPY --chwon=1 a /b: unknown flag: --chwon\nhint: did you mean --chown?"
+        ));
         assert!(rendered.contains("   2 | COPY --chwon=1 a /b"));
         assert!(!rendered.contains("FROM busybox"));
     }

@@ -7,8 +7,8 @@
 //! identical work reached twice has one digest. `--target` prunes the graph to what the
 //! target needs; cycles are errors.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 
 use petgraph::Direction;
@@ -79,16 +79,48 @@ impl Platform {
     /// Parses `os[/arch[/variant]]`; a missing architecture means the host's.
     pub fn parse(text: &str) -> Result<Self, ErrorKind> {
         let parts: Vec<&str> = text.split('/').collect();
-        let valid = |part: &&str| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid = |part: &&str| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
         if parts.is_empty() || parts.len() > 3 || !parts.iter().all(valid) {
             return Err(ErrorKind::InvalidPlatform(text.to_string()));
         }
         let host = Self::host();
         Ok(Self {
             os: parts[0].to_lowercase(),
-            architecture: parts.get(1).map_or(host.architecture, |arch| arch.to_lowercase()),
+            architecture: parts
+                .get(1)
+                .map_or(host.architecture, |arch| arch.to_lowercase()),
             variant: parts.get(2).map(|variant| variant.to_lowercase()),
         })
+    }
+}
+
+impl Platform {
+    /// containerd's normalization, which BuildKit applies to the requested platform: the
+    /// common architecture aliases, `arm64/v8` and `amd64/v1` without their default variant,
+    /// and `arm` with its default `v7`.
+    pub fn normalized(&self) -> Self {
+        let (architecture, variant) = match (self.architecture.as_str(), self.variant.as_deref()) {
+            ("x86_64" | "x86-64" | "amd64", Some("v1")) | ("x86_64" | "x86-64", None) => {
+                ("amd64", None)
+            }
+            ("aarch64" | "arm64", Some("v8") | None) => ("arm64", None),
+            ("aarch64", Some(variant)) => ("arm64", Some(variant)),
+            ("armhf", _) => ("arm", Some("v7")),
+            ("armel", _) => ("arm", Some("v6")),
+            ("arm", None) => ("arm", Some("v7")),
+            ("i386", variant) => ("386", variant),
+            (architecture, variant) => (architecture, variant),
+        };
+        Self {
+            os: self.os.clone(),
+            architecture: architecture.to_string(),
+            variant: variant.map(str::to_string),
+        }
     }
 }
 
@@ -356,7 +388,9 @@ pub struct Stage {
 impl Stage {
     /// `name` if the stage has one, else `stage-N`, as BuildKit names stages.
     pub fn display_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("stage-{}", self.index))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", self.index))
     }
 }
 
@@ -415,7 +449,8 @@ impl BuildGraph {
 
     /// The target stage.
     pub fn target_stage(&self) -> &Stage {
-        self.stage(self.target).expect("the target stage is always kept")
+        self.stage(self.target)
+            .expect("the target stage is always kept")
     }
 
     /// Vertices in dependency order: each after everything it needs; among the ready ones,
@@ -440,7 +475,10 @@ impl BuildGraph {
         let mut order = Vec::with_capacity(self.graph.node_count());
         while let Some(Reverse((_, index))) = ready.pop() {
             order.push(self.graph[NodeIndex::new(index)]);
-            for edge in self.graph.edges_directed(NodeIndex::new(index), Direction::Outgoing) {
+            for edge in self
+                .graph
+                .edges_directed(NodeIndex::new(index), Direction::Outgoing)
+            {
                 let target = edge.target().index();
                 remaining[target] -= 1;
                 if remaining[target] == 0 {
@@ -459,7 +497,11 @@ impl BuildGraph {
             let base = match &stage.base {
                 Base::Scratch => "scratch".to_string(),
                 Base::Image(reference) => format!("image {reference}"),
-                Base::Stage(index) => format!("stage {}", self.stage(*index).map_or_else(|| index.to_string(), Stage::display_name)),
+                Base::Stage(index) => format!(
+                    "stage {}",
+                    self.stage(*index)
+                        .map_or_else(|| index.to_string(), Stage::display_name)
+                ),
             };
             out.push_str(&format!(
                 "stage {} {} (line {}): from {base} [{}]\n",
@@ -497,20 +539,30 @@ impl BuildGraph {
     /// The step a vertex names, if it is a step.
     pub fn step(&self, vertex: Vertex) -> Option<&Step> {
         match vertex {
-            Vertex::Step { stage, step } => self.stage(stage).and_then(|stage| stage.steps.get(step)),
+            Vertex::Step { stage, step } => {
+                self.stage(stage).and_then(|stage| stage.steps.get(step))
+            }
             Vertex::Base { .. } => None,
         }
     }
 }
 
 /// Parses, types and plans a Dockerfile in one call.
-pub fn plan(text: &str, options: &PlanOptions, images: &dyn ImageResolver) -> Result<BuildGraph, Error> {
+pub fn plan(
+    text: &str,
+    options: &PlanOptions,
+    images: &dyn ImageResolver,
+) -> Result<BuildGraph, Error> {
     let dockerfile = parser::parse(text)?;
     build_graph(&dockerfile, options, images)
 }
 
 /// Lowers a parsed Dockerfile into the build graph.
-pub fn build_graph(dockerfile: &Dockerfile, options: &PlanOptions, images: &dyn ImageResolver) -> Result<BuildGraph, Error> {
+pub fn build_graph(
+    dockerfile: &Dockerfile,
+    options: &PlanOptions,
+    images: &dyn ImageResolver,
+) -> Result<BuildGraph, Error> {
     let instructions = dockerfile
         .nodes
         .iter()
@@ -524,20 +576,27 @@ pub fn build_graph(dockerfile: &Dockerfile, options: &PlanOptions, images: &dyn 
 /// The part of a stage's state that later stages built `FROM` it inherit.
 #[derive(Clone, Debug, Default)]
 struct Inherited {
+    /// The image config's environment: first-set order, latest value.
     env: Vec<(String, String)>,
+    /// Every variable assignment expansion sees, oldest first (the latest wins): the base's
+    /// environment, then each ENV and each ARG with a value, in the order they happen. So an
+    /// ARG after an ENV of the same name wins, and a stage built FROM another inherits its
+    /// ARGs, as in BuildKit.
+    scope: Vec<(String, String)>,
     working_dir: String,
     user: Option<String>,
     shell: Option<Vec<String>>,
     onbuild: Vec<String>,
 }
 
+/// A stage read by another: (stage read, the reading step or `None` for FROM, why).
+type StageDependency = (usize, Option<usize>, Dependency);
+
 struct StageDraft {
     stage: Stage,
     inherited: Inherited,
-    /// Declared args with their values in this stage (`None`: declared without a value).
-    args: Vec<(String, Option<String>)>,
     /// Stages this one reads (for the graph), with the step that reads them.
-    dependencies: Vec<(usize, Option<usize>, Dependency)>,
+    dependencies: Vec<StageDependency>,
     /// A planning error in this stage, reported only if the target needs the stage.
     error: Option<Error>,
 }
@@ -558,8 +617,10 @@ struct Planner<'a> {
 
 impl<'a> Planner<'a> {
     fn new(escape_token: char, options: &'a PlanOptions, images: &'a dyn ImageResolver) -> Self {
-        let target = &options.target_platform;
-        let build = &options.build_platform;
+        // The requested platforms are normalized as BuildKit does (`linux/arm64/v8` is
+        // `linux/arm64`); a stage's own `FROM --platform` is taken as written.
+        let target = &options.target_platform.normalized();
+        let build = &options.build_platform.normalized();
         let platform_args = [
             ("TARGETPLATFORM", target.to_string()),
             ("TARGETOS", target.os.clone()),
@@ -612,7 +673,9 @@ impl<'a> Planner<'a> {
             }
         }
         if self.stages.is_empty() {
-            let location = instructions.last().map_or(Location::line(1), |instruction| instruction.location);
+            let location = instructions
+                .last()
+                .map_or(Location::line(1), |instruction| instruction.location);
             return Err(Error::at_line(
                 ErrorKind::Arguments("no build stage in the Dockerfile: it needs a FROM".into()),
                 location,
@@ -622,10 +685,18 @@ impl<'a> Planner<'a> {
     }
 
     fn expansion_error(instruction: &Instruction, error: ExpandError) -> Error {
-        Error::at(ErrorKind::Expansion(error), instruction.location, instruction.original.as_str())
+        Error::at(
+            ErrorKind::Expansion(Box::new(error)),
+            instruction.location,
+            instruction.original.as_str(),
+        )
     }
 
-    fn global_arg(&mut self, instruction: &Instruction, definitions: &[ArgDefinition]) -> Result<(), Error> {
+    fn global_arg(
+        &mut self,
+        instruction: &Instruction,
+        definitions: &[ArgDefinition],
+    ) -> Result<(), Error> {
         for definition in definitions {
             self.declared_args.insert(definition.name.clone());
             let value = match self.options.build_args.get(&definition.name) {
@@ -666,10 +737,13 @@ impl<'a> Planner<'a> {
                     .map_err(|error| Self::expansion_error(instruction, error))?;
                 Platform::parse(&expanded).map_err(error_at)?
             }
-            None => self.options.target_platform.clone(),
+            None => self.options.target_platform.normalized(),
         };
         if let Some(name) = &from.name
-            && self.stages.iter().any(|draft| draft.stage.name.as_deref() == Some(name))
+            && self
+                .stages
+                .iter()
+                .any(|draft| draft.stage.name.as_deref() == Some(name))
         {
             return Err(error_at(ErrorKind::DuplicateStageName(name.clone())));
         }
@@ -701,6 +775,7 @@ impl<'a> Planner<'a> {
                 let known = config.is_some();
                 let config = config.unwrap_or_default();
                 let inherited = Inherited {
+                    scope: config.env.clone(),
                     env: config.env,
                     working_dir: config
                         .working_dir
@@ -710,12 +785,7 @@ impl<'a> Planner<'a> {
                     shell: config.shell.filter(|shell| !shell.is_empty()),
                     onbuild: config.onbuild,
                 };
-                (
-                    Base::Image(image.clone()),
-                    inherited,
-                    known,
-                    Vec::new(),
-                )
+                (Base::Image(image.clone()), inherited, known, Vec::new())
             }
         };
         let triggers = inherited.onbuild.clone();
@@ -736,7 +806,6 @@ impl<'a> Planner<'a> {
                 onbuild: Vec::new(),
                 ..inherited
             },
-            args: Vec::new(),
             dependencies,
             error: None,
         };
@@ -763,7 +832,10 @@ impl<'a> Planner<'a> {
                 error
             })?;
             instruction.location = from.location;
-            if matches!(instruction.command, Command::From(_) | Command::Onbuild(_) | Command::Maintainer(_)) {
+            if matches!(
+                instruction.command,
+                Command::From(_) | Command::Onbuild(_) | Command::Maintainer(_)
+            ) {
                 return Err(Error::at(
                     ErrorKind::OnbuildNotAllowed(instruction.command.name().to_string()),
                     from.location,
@@ -776,18 +848,17 @@ impl<'a> Planner<'a> {
         Ok(())
     }
 
-    /// The variables expansion sees in the current stage: args in scope, then ENV (ENV wins).
+    /// The variables expansion sees in the current stage (the latest assignment wins).
     fn stage_variables(draft: &StageDraft) -> Vec<(String, String)> {
-        let mut variables: Vec<(String, String)> = draft
-            .args
-            .iter()
-            .filter_map(|(name, value)| value.clone().map(|value| (name.clone(), value)))
-            .collect();
-        variables.extend(draft.inherited.env.iter().cloned());
-        variables
+        draft.inherited.scope.clone()
     }
 
-    fn add_step(&mut self, instruction: &Instruction, command: &Command, from_onbuild: bool) -> Result<(), Error> {
+    fn add_step(
+        &mut self,
+        instruction: &Instruction,
+        command: &Command,
+        from_onbuild: bool,
+    ) -> Result<(), Error> {
         let draft_index = self.stages.len() - 1;
         let variables = Self::stage_variables(&self.stages[draft_index]);
         let lexer = self.lexer.clone();
@@ -803,7 +874,11 @@ impl<'a> Planner<'a> {
             Command::From(_) => unreachable!("FROM starts a stage"),
             Command::Run(run) => {
                 let (op, sources) = self.lower_run(run, draft_index, &variables, instruction)?;
-                new_dependencies.extend(sources.into_iter().map(|stage| (stage, Dependency::MountSource)));
+                new_dependencies.extend(
+                    sources
+                        .into_iter()
+                        .map(|stage| (stage, Dependency::MountSource)),
+                );
                 Op::Run(op)
             }
             Command::Copy(file) | Command::Add(file) => {
@@ -837,12 +912,17 @@ impl<'a> Planner<'a> {
                     scope.push((key.clone(), value.clone()));
                     expanded.push((key, value));
                 }
-                let env = &mut self.stages[draft_index].inherited.env;
+                let inherited = &mut self.stages[draft_index].inherited;
                 for (key, value) in &expanded {
-                    match env.iter_mut().find(|(existing, _)| existing == key) {
+                    match inherited
+                        .env
+                        .iter_mut()
+                        .find(|(existing, _)| existing == key)
+                    {
                         Some(entry) => entry.1 = value.clone(),
-                        None => env.push((key.clone(), value.clone())),
+                        None => inherited.env.push((key.clone(), value.clone())),
                     }
+                    inherited.scope.push((key.clone(), value.clone()));
                 }
                 Op::Config(ConfigChange::Env(expanded))
             }
@@ -862,9 +942,9 @@ impl<'a> Planner<'a> {
                             Some(default) => {
                                 let scope = Self::stage_variables(&self.stages[draft_index]);
                                 Some(
-                                    self.lexer
-                                        .expand_word(default, &scope.as_slice())
-                                        .map_err(|error| Self::expansion_error(instruction, error))?,
+                                    self.lexer.expand_word(default, &scope.as_slice()).map_err(
+                                        |error| Self::expansion_error(instruction, error),
+                                    )?,
                                 )
                             }
                             None => self
@@ -875,16 +955,18 @@ impl<'a> Planner<'a> {
                                 .and_then(|(_, value)| value.clone()),
                         },
                     };
-                    let args = &mut self.stages[draft_index].args;
-                    args.retain(|(name, _)| *name != definition.name);
-                    args.push((definition.name.clone(), value));
+                    if let Some(value) = value {
+                        let scope = &mut self.stages[draft_index].inherited.scope;
+                        scope.push((definition.name.clone(), value));
+                    }
                     names.push(definition.name.clone());
                 }
                 Op::Config(ConfigChange::Arg(names))
             }
             Command::User(user) => {
                 let user = expand(user)?;
-                self.stages[draft_index].inherited.user = Some(user.clone()).filter(|user| !user.is_empty());
+                self.stages[draft_index].inherited.user =
+                    Some(user.clone()).filter(|user| !user.is_empty());
                 Op::Config(ConfigChange::User(user))
             }
             Command::Expose(ports) => {
@@ -905,16 +987,24 @@ impl<'a> Planner<'a> {
                 for path in paths {
                     let path = expand(path)?;
                     if path.trim().is_empty() {
-                        return Err(error_at(ErrorKind::Arguments("VOLUME specified can not be an empty string".into())));
+                        return Err(error_at(ErrorKind::Arguments(
+                            "VOLUME specified can not be an empty string".into(),
+                        )));
                     }
                     expanded.push(path);
                 }
                 Op::Config(ConfigChange::Volume(expanded))
             }
-            Command::Cmd(line) => Op::Config(ConfigChange::Cmd(self.with_shell(draft_index, line.prepend_shell, &line.arguments))),
-            Command::Entrypoint(line) => {
-                Op::Config(ConfigChange::Entrypoint(self.with_shell(draft_index, line.prepend_shell, &line.arguments)))
-            }
+            Command::Cmd(line) => Op::Config(ConfigChange::Cmd(self.with_shell(
+                draft_index,
+                line.prepend_shell,
+                &line.arguments,
+            ))),
+            Command::Entrypoint(line) => Op::Config(ConfigChange::Entrypoint(self.with_shell(
+                draft_index,
+                line.prepend_shell,
+                &line.arguments,
+            ))),
             Command::Shell(shell) => {
                 self.stages[draft_index].inherited.shell = Some(shell.clone());
                 Op::Config(ConfigChange::Shell(shell.clone()))
@@ -926,7 +1016,10 @@ impl<'a> Planner<'a> {
             }
             Command::Healthcheck(check) => Op::Config(ConfigChange::Healthcheck(check.clone())),
             Command::Onbuild(onbuild) => {
-                self.stages[draft_index].inherited.onbuild.push(onbuild.expression.clone());
+                self.stages[draft_index]
+                    .inherited
+                    .onbuild
+                    .push(onbuild.expression.clone());
                 Op::Config(ConfigChange::Onbuild(onbuild.expression.clone()))
             }
             Command::Maintainer(name) => Op::Config(ConfigChange::Maintainer(name.clone())),
@@ -935,7 +1028,9 @@ impl<'a> Planner<'a> {
         let draft = &mut self.stages[draft_index];
         let step_index = draft.stage.steps.len();
         for (stage, dependency) in new_dependencies {
-            draft.dependencies.push((stage, Some(step_index), dependency));
+            draft
+                .dependencies
+                .push((stage, Some(step_index), dependency));
         }
         draft.stage.steps.push(Step {
             definition_digest: digest_of(&("rbuild-step-v1", &op)),
@@ -948,7 +1043,12 @@ impl<'a> Planner<'a> {
         Ok(())
     }
 
-    fn with_shell(&self, draft_index: usize, prepend_shell: bool, arguments: &[String]) -> Vec<String> {
+    fn with_shell(
+        &self,
+        draft_index: usize,
+        prepend_shell: bool,
+        arguments: &[String],
+    ) -> Vec<String> {
         if !prepend_shell {
             return arguments.to_vec();
         }
@@ -966,26 +1066,45 @@ impl<'a> Planner<'a> {
     }
 
     /// Resolves `--from` / `from=`: a stage name, a stage index, or else an image.
-    fn resolve_input(&self, reference: &str, draft_index: usize, instruction: &Instruction) -> Result<Input, Error> {
+    /// Resolves `--from` / `from=`: a stage name or index (defined before this stage, as
+    /// BuildKit requires), or else an image reference.
+    fn resolve_input(
+        &self,
+        reference: &str,
+        draft_index: usize,
+        instruction: &Instruction,
+        mount: bool,
+    ) -> Result<Input, Error> {
         let error_at = |kind| Error::at(kind, instruction.location, instruction.original.as_str());
         let index = match reference.parse::<usize>() {
             Ok(index) if index >= self.stage_names.len() => {
                 return Err(error_at(ErrorKind::StageIndexOutOfRange {
                     index,
-                    available: self.stage_names.len(),
+                    available: draft_index,
                 }));
             }
             Ok(index) => Some(index),
             Err(_) => {
                 let lower = reference.to_lowercase();
-                self.stage_names.iter().position(|name| name.as_deref() == Some(lower.as_str()))
+                self.stage_names
+                    .iter()
+                    .position(|name| name.as_deref() == Some(lower.as_str()))
             }
+        };
+        let stage_name = |index: usize| {
+            self.stage_names[index]
+                .clone()
+                .unwrap_or_else(|| format!("stage-{index}"))
         };
         match index {
             Some(index) if index == draft_index => {
-                let name = self.stage_names[index].clone().unwrap_or_else(|| format!("stage-{index}"));
-                Err(error_at(ErrorKind::CircularDependency(name)))
+                Err(error_at(ErrorKind::CircularDependency(stage_name(index))))
             }
+            Some(index) if index > draft_index => Err(error_at(ErrorKind::StageDefinedLater {
+                reference: reference.to_string(),
+                current: stage_name(draft_index),
+                mount,
+            })),
             Some(index) => Ok(Input::Stage(index)),
             None => Ok(Input::Image(reference.to_string())),
         }
@@ -1001,10 +1120,12 @@ impl<'a> Planner<'a> {
         let error_at = |kind| Error::at(kind, instruction.location, instruction.original.as_str());
         let mut arguments = run.command.arguments.clone();
         let mut script_files = Vec::new();
-        let mut prepend_shell = run.command.prepend_shell;
+        let prepend_shell = run.command.prepend_shell;
         if let Some(first) = run.command.files.first() {
             let marker = match arguments.as_slice() {
-                [only] if run.command.prepend_shell => parser::parse_heredoc_marker(only).map_err(error_at)?,
+                [only] if run.command.prepend_shell => {
+                    parser::parse_heredoc_marker(only).map_err(error_at)?
+                }
                 _ => None,
             };
             if marker.is_some() {
@@ -1017,8 +1138,8 @@ impl<'a> Planner<'a> {
                         path: path.clone(),
                         content,
                     });
+                    // BuildKit still puts SHELL in front: `/bin/sh -c /dev/pipes/EOF`.
                     arguments = vec![path];
-                    prepend_shell = false;
                 } else {
                     arguments = vec![content];
                 }
@@ -1033,7 +1154,15 @@ impl<'a> Planner<'a> {
                 arguments = vec![full];
             }
         }
-        let op = self.finish_run(run, draft_index, variables, instruction, arguments, script_files, prepend_shell)?;
+        let op = self.finish_run(
+            run,
+            draft_index,
+            variables,
+            instruction,
+            arguments,
+            script_files,
+            prepend_shell,
+        )?;
         let stages = op
             .mounts
             .iter()
@@ -1080,11 +1209,21 @@ impl<'a> Planner<'a> {
             if let Some(target) = &mount.target {
                 mount.target = Some(join_path(&draft.inherited.working_dir, target));
             }
-            if mount.mount_type == MountType::Secret && mount.target.is_none() && mount.env.is_none() {
-                mount.target = Some(format!("/run/secrets/{}", mount.id.clone().unwrap_or_default()));
+            if mount.mount_type == MountType::Secret
+                && mount.target.is_none()
+                && mount.env.is_none()
+            {
+                mount.target = Some(format!(
+                    "/run/secrets/{}",
+                    mount.id.clone().unwrap_or_default()
+                ));
             }
             if mount.mount_type == MountType::Secret && mount.id.is_none() {
-                mount.id = mount.target.as_deref().and_then(|target| target.rsplit('/').next()).map(str::to_string);
+                mount.id = mount
+                    .target
+                    .as_deref()
+                    .and_then(|target| target.rsplit('/').next())
+                    .map(str::to_string);
             }
             if mount.mount_type == MountType::Ssh && mount.target.is_none() {
                 mount.target = Some("/run/buildkit/ssh_agent.0".into());
@@ -1096,7 +1235,9 @@ impl<'a> Planner<'a> {
                 mount.sharing = CacheSharing::Shared;
             }
             let input = match (mount.mount_type, &mount.from) {
-                (MountType::Bind | MountType::Cache, Some(from)) => Some(self.resolve_input(from, draft_index, instruction)?),
+                (MountType::Bind | MountType::Cache, Some(from)) => {
+                    Some(self.resolve_input(from, draft_index, instruction, true)?)
+                }
                 (MountType::Bind, None) => Some(Input::Context),
                 _ => None,
             };
@@ -1145,26 +1286,42 @@ impl<'a> Planner<'a> {
         };
         let expand_option = |word: &Option<String>| word.as_deref().map(expand).transpose();
         let input = match expand_option(&file.from)? {
-            Some(from) => self.resolve_input(&from, draft_index, instruction)?,
+            Some(from) => self.resolve_input(&from, draft_index, instruction, false)?,
             None => Input::Context,
         };
-        let sources = file.sources.iter().map(|source| expand(source)).collect::<Result<Vec<_>, _>>()?;
+        let sources = file
+            .sources
+            .iter()
+            .map(|source| expand(source))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Heredoc bodies expand with quotes as plain text and `\` as the escape, whatever the
+        // Dockerfile's escape token, as BuildKit does.
+        let heredoc_lexer = Lexer::new('\\').with_skip_process_quotes(true);
         let inline_sources = file
             .inline_sources
             .iter()
             .map(|inline| {
-                let data = if inline.expand { expand(&inline.data)? } else { inline.data.clone() };
+                let data = if inline.expand {
+                    heredoc_lexer
+                        .expand_word(&inline.data, &variables)
+                        .map_err(|error| Self::expansion_error(instruction, error))?
+                } else {
+                    inline.data.clone()
+                };
                 Ok((inline.path.clone(), data))
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let destination = expand(&file.destination)?;
         let mut resolved = join_path(&draft.inherited.working_dir, &destination);
-        if (destination.ends_with('/') || destination.ends_with("/.") || destination == ".") && !resolved.ends_with('/') {
+        if (destination.ends_with('/') || destination.ends_with("/.") || destination == ".")
+            && !resolved.ends_with('/')
+        {
             resolved.push('/');
         }
         let chmod = expand_option(&file.chmod)?;
         if let Some(mode) = &chmod
-            && (mode.is_empty() || u32::from_str_radix(mode, 8).map_or(true, |value| value > 0o7777))
+            && (mode.is_empty()
+                || u32::from_str_radix(mode, 8).map_or(true, |value| value > 0o7777))
         {
             return Err(Error::at(
                 ErrorKind::InvalidFlagValue {
@@ -1184,7 +1341,11 @@ impl<'a> Planner<'a> {
             chown: expand_option(&file.chown)?,
             chmod,
             link: file.link,
-            exclude: file.exclude.iter().map(|pattern| expand(pattern)).collect::<Result<Vec<_>, _>>()?,
+            exclude: file
+                .exclude
+                .iter()
+                .map(|pattern| expand(pattern))
+                .collect::<Result<Vec<_>, _>>()?,
             parents: file.parents,
             checksum: expand_option(&file.checksum)?,
             keep_git_dir: file.keep_git_dir,
@@ -1211,7 +1372,12 @@ impl<'a> Planner<'a> {
             if !needed.insert(stage) {
                 continue;
             }
-            pending.extend(self.stages[stage].dependencies.iter().map(|(dependency, _, _)| *dependency));
+            pending.extend(
+                self.stages[stage]
+                    .dependencies
+                    .iter()
+                    .map(|(dependency, _, _)| *dependency),
+            );
         }
         let mut warnings: Vec<String> = dockerfile
             .warnings
@@ -1222,15 +1388,20 @@ impl<'a> Planner<'a> {
             .options
             .build_args
             .keys()
-            .filter(|name| !self.declared_args.contains(*name) && !PROXY_ARGS.contains(&name.as_str()))
+            .filter(|name| {
+                !self.declared_args.contains(*name) && !PROXY_ARGS.contains(&name.as_str())
+            })
             .collect();
         if !unused.is_empty() {
             let names: Vec<&str> = unused.iter().map(|name| name.as_str()).collect();
-            warnings.push(format!("one or more build args were not consumed: [{}]", names.join(" ")));
+            warnings.push(format!(
+                "one or more build args were not consumed: [{}]",
+                names.join(" ")
+            ));
         }
 
         let mut graph: DiGraph<Vertex, Dependency> = DiGraph::new();
-        let mut kept: Vec<(Stage, Vec<(usize, Option<usize>, Dependency)>)> = Vec::with_capacity(needed.len());
+        let mut kept: Vec<(Stage, Vec<StageDependency>)> = Vec::with_capacity(needed.len());
         let mut first_vertex: BTreeMap<usize, NodeIndex> = BTreeMap::new();
         let mut last_vertex: BTreeMap<usize, NodeIndex> = BTreeMap::new();
         let mut step_vertices: BTreeMap<(usize, usize), NodeIndex> = BTreeMap::new();
@@ -1293,7 +1464,9 @@ impl<'a> Planner<'a> {
                     let (current, _) = &kept[position[&stage]];
                     let digest = match &current.base {
                         Base::Scratch => digest_of(&("scratch",)),
-                        Base::Image(reference) => digest_of(&("image", reference, &current.platform)),
+                        Base::Image(reference) => {
+                            digest_of(&("image", reference, &current.platform))
+                        }
                         Base::Stage(parent) => kept[position[parent]].0.result_digest.clone(),
                     };
                     let current = &mut kept[position[&stage]].0;
@@ -1334,7 +1507,10 @@ impl<'a> Planner<'a> {
 pub fn describe_op(op: &Op) -> String {
     let (kind, value) = match op {
         Op::Run(run) => ("run", serde_json::to_string(run)),
-        Op::Copy(copy) => (if copy.is_add { "add" } else { "copy" }, serde_json::to_string(copy)),
+        Op::Copy(copy) => (
+            if copy.is_add { "add" } else { "copy" },
+            serde_json::to_string(copy),
+        ),
         Op::Workdir { path } => ("workdir", serde_json::to_string(path)),
         Op::Config(change) => ("config", serde_json::to_string(change)),
     };
@@ -1399,7 +1575,9 @@ fn normalize_port(word: &str) -> Result<String, ErrorKind> {
         None => valid_number(ports),
     };
     if !valid_ports || !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(ErrorKind::Arguments(format!("invalid port {word:?}: expected port[-port][/tcp|udp|sctp]")));
+        return Err(ErrorKind::Arguments(format!(
+            "invalid port {word:?}: expected port[-port][/tcp|udp|sctp]"
+        )));
     }
     Ok(format!("{ports}/{protocol}"))
 }
@@ -1407,11 +1585,14 @@ fn normalize_port(word: &str) -> Result<String, ErrorKind> {
 /// STOPSIGNAL takes a number or a signal name (`SIGTERM`, `TERM`, `SIGRTMIN+3`).
 fn validate_signal(signal: &str) -> Result<(), ErrorKind> {
     const NAMES: &[&str] = &[
-        "ABRT", "ALRM", "BUS", "CHLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL", "PIPE", "POLL", "PROF",
-        "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2",
-        "VTALRM", "WINCH", "XCPU", "XFSZ",
+        "ABRT", "ALRM", "BUS", "CHLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL",
+        "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP",
+        "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
     ];
-    if signal.parse::<u32>().is_ok_and(|number| (1..=64).contains(&number)) {
+    if signal
+        .parse::<u32>()
+        .is_ok_and(|number| (1..=64).contains(&number))
+    {
         return Ok(());
     }
     let upper = signal.to_uppercase();
@@ -1428,7 +1609,10 @@ mod tests {
 
     fn options(build_args: &[(&str, &str)], target: Option<&str>) -> PlanOptions {
         PlanOptions {
-            build_args: build_args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            build_args: build_args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             target: target.map(str::to_string),
             target_platform: Platform::parse("linux/arm64/v8").unwrap(),
             build_platform: Platform::parse("linux/amd64").unwrap(),
@@ -1436,7 +1620,8 @@ mod tests {
     }
 
     fn planned(text: &str) -> BuildGraph {
-        plan(text, &options(&[], None), &NoImages).unwrap_or_else(|error| panic!("{}", error.render("Dockerfile", text)))
+        plan(text, &options(&[], None), &NoImages)
+            .unwrap_or_else(|error| panic!("{}", error.render("Dockerfile", text)))
     }
 
     fn run_op(step: &Step) -> &RunOp {
@@ -1462,35 +1647,68 @@ mod tests {
         let run = run_op(&stage.steps[2]);
         assert!(run.env.contains(&("VERSION".into(), "1.0".into())));
         assert!(run.env.contains(&("OTHER".into(), "x".into())));
-        assert!(!run.env.iter().any(|(name, _)| name == "IMAGE"), "global args are not in a stage unless re-declared");
+        assert!(
+            !run.env.iter().any(|(name, _)| name == "IMAGE"),
+            "global args are not in a stage unless re-declared"
+        );
     }
 
     #[test]
     fn build_args_override_defaults() {
         let text = "ARG TAG=1\nFROM img:$TAG\nARG MODE=debug\nRUN make\n";
-        let graph = plan(text, &options(&[("TAG", "2"), ("MODE", "release"), ("UNUSED", "x")], None), &NoImages).unwrap();
+        let graph = plan(
+            text,
+            &options(&[("TAG", "2"), ("MODE", "release"), ("UNUSED", "x")], None),
+            &NoImages,
+        )
+        .unwrap();
         let stage = graph.target_stage();
         assert_eq!(stage.base, Base::Image("img:2".into()));
-        assert!(run_op(&stage.steps[1]).env.contains(&("MODE".into(), "release".into())));
-        assert!(graph.warnings.iter().any(|warning| warning.contains("UNUSED")));
-        assert!(!graph.warnings.iter().any(|warning| warning.contains("MODE")));
+        assert!(
+            run_op(&stage.steps[1])
+                .env
+                .contains(&("MODE".into(), "release".into()))
+        );
+        assert!(
+            graph
+                .warnings
+                .iter()
+                .any(|warning| warning.contains("UNUSED"))
+        );
+        assert!(
+            !graph
+                .warnings
+                .iter()
+                .any(|warning| warning.contains("MODE"))
+        );
     }
 
     #[test]
     fn env_wins_over_arg_and_expands_in_order() {
-        let graph = planned("FROM a\nARG X=arg\nENV X=env Y=${X}-y\nWORKDIR /app/$Y\nCOPY f ./sub/\n");
+        let graph =
+            planned("FROM a\nARG X=arg\nENV X=env Y=${X}-y\nWORKDIR /app/$Y\nCOPY f ./sub/\n");
         let stage = graph.target_stage();
         assert_eq!(
             stage.steps[1].op,
-            Op::Config(ConfigChange::Env(vec![("X".into(), "env".into()), ("Y".into(), "env-y".into())]))
+            Op::Config(ConfigChange::Env(vec![
+                ("X".into(), "env".into()),
+                ("Y".into(), "env-y".into())
+            ]))
         );
-        assert_eq!(stage.steps[2].op, Op::Workdir { path: "/app/env-y".into() });
+        assert_eq!(
+            stage.steps[2].op,
+            Op::Workdir {
+                path: "/app/env-y".into()
+            }
+        );
         assert_eq!(copy_op(&stage.steps[3]).destination, "/app/env-y/sub/");
     }
 
     #[test]
     fn predefined_platform_args() {
-        let graph = planned("FROM --platform=$BUILDPLATFORM a AS build\nARG TARGETARCH\nARG BUILDOS\nRUN x\n");
+        let graph = planned(
+            "FROM --platform=$BUILDPLATFORM a AS build\nARG TARGETARCH\nARG BUILDOS\nRUN x\n",
+        );
         let stage = graph.target_stage();
         assert_eq!(stage.platform.to_string(), "linux/amd64");
         let env = &run_op(&stage.steps[2]).env;
@@ -1502,17 +1720,28 @@ mod tests {
 
     #[test]
     fn target_prunes_to_what_it_needs() {
-        let text = "FROM a AS base\nRUN one\nFROM b AS unrelated\nRUN two\nFROM base AS app\nCOPY --from=tools /bin/t /t\nFROM c AS tools\nRUN three\n";
+        let text = "FROM a AS base\nRUN one\nFROM b AS unrelated\nRUN two\nFROM c AS tools\nRUN three\nFROM base AS app\nCOPY --from=tools /bin/t /t\nFROM app AS after\n";
         let graph = plan(text, &options(&[], Some("app")), &NoImages).unwrap();
         let kept: Vec<String> = graph.stages.iter().map(Stage::display_name).collect();
-        assert_eq!(kept, vec!["base", "app", "tools"]);
+        assert_eq!(kept, vec!["base", "tools", "app"]);
         assert_eq!(graph.target_stage().base, Base::Stage(0));
-        assert_eq!(copy_op(&graph.target_stage().steps[0]).input, Input::Stage(3));
+        assert_eq!(
+            copy_op(&graph.target_stage().steps[0]).input,
+            Input::Stage(2)
+        );
         // Dependency order puts what is needed first.
         let order = graph.dependency_order();
-        let position = |vertex: Vertex| order.iter().position(|candidate| *candidate == vertex).unwrap();
-        assert!(position(Vertex::Step { stage: 3, step: 0 }) < position(Vertex::Step { stage: 2, step: 0 }));
-        assert!(position(Vertex::Step { stage: 0, step: 0 }) < position(Vertex::Base { stage: 2 }));
+        let position = |vertex: Vertex| {
+            order
+                .iter()
+                .position(|candidate| *candidate == vertex)
+                .unwrap()
+        };
+        assert!(
+            position(Vertex::Step { stage: 2, step: 0 })
+                < position(Vertex::Step { stage: 3, step: 0 })
+        );
+        assert!(position(Vertex::Step { stage: 0, step: 0 }) < position(Vertex::Base { stage: 3 }));
         let error = plan(text, &options(&[], Some("nope")), &NoImages).unwrap_err();
         assert!(matches!(error.kind, ErrorKind::UnknownTarget(_)));
     }
@@ -1526,20 +1755,50 @@ mod tests {
 
     #[test]
     fn cycles_and_bad_indexes_are_errors() {
+        // Stages may only read stages defined before them, so no loop can form.
         let text = "FROM a AS one\nCOPY --from=two /x /x\nFROM b AS two\nCOPY --from=one /y /y\n";
         let error = plan(text, &options(&[], None), &NoImages).unwrap_err();
-        assert!(matches!(error.kind, ErrorKind::CircularDependency(_)), "{error}");
-        let error = plan("FROM a AS one\nCOPY --from=one /x /x\n", &options(&[], None), &NoImages).unwrap_err();
+        assert!(
+            matches!(
+                error.kind,
+                ErrorKind::StageDefinedLater { mount: false, .. }
+            ),
+            "{error}"
+        );
+        assert_eq!(error.location, Some(Location::line(2)));
+        let text = "FROM a AS one\nRUN --mount=from=two,target=/t true\nFROM b AS two\n";
+        let error = plan(text, &options(&[], Some("one")), &NoImages).unwrap_err();
+        assert!(
+            matches!(error.kind, ErrorKind::StageDefinedLater { mount: true, .. }),
+            "{error}"
+        );
+        let error = plan(
+            "FROM a AS one\nCOPY --from=one /x /x\n",
+            &options(&[], None),
+            &NoImages,
+        )
+        .unwrap_err();
         assert!(matches!(error.kind, ErrorKind::CircularDependency(ref name) if name == "one"));
-        let error = plan("FROM a\nCOPY --from=7 /x /x\n", &options(&[], None), &NoImages).unwrap_err();
-        assert!(matches!(error.kind, ErrorKind::StageIndexOutOfRange { index: 7, .. }));
+        let error = plan(
+            "FROM a\nCOPY --from=7 /x /x\n",
+            &options(&[], None),
+            &NoImages,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            error.kind,
+            ErrorKind::StageIndexOutOfRange { index: 7, .. }
+        ));
         assert_eq!(error.location, Some(Location::line(2)));
     }
 
     #[test]
     fn copy_from_unknown_name_is_an_image() {
         let graph = planned("FROM a\nCOPY --from=busybox:1.36 /bin/sh /sh\n");
-        assert_eq!(copy_op(&graph.target_stage().steps[0]).input, Input::Image("busybox:1.36".into()));
+        assert_eq!(
+            copy_op(&graph.target_stage().steps[0]).input,
+            Input::Image("busybox:1.36".into())
+        );
     }
 
     #[test]
@@ -1556,54 +1815,113 @@ mod tests {
         let first = planned(text);
         let second = planned(text);
         let digests = |graph: &BuildGraph| -> Vec<String> {
-            graph.stages.iter().flat_map(|stage| stage.steps.iter().map(|step| step.digest.clone())).collect()
+            graph
+                .stages
+                .iter()
+                .flat_map(|stage| stage.steps.iter().map(|step| step.digest.clone()))
+                .collect()
         };
         assert_eq!(digests(&first), digests(&second));
-        assert!(digests(&first).iter().all(|digest| digest.starts_with("sha256:") && digest.len() == 71));
+        assert!(
+            digests(&first)
+                .iter()
+                .all(|digest| digest.starts_with("sha256:") && digest.len() == 71)
+        );
         let one = first.stage(0).unwrap();
         let two = first.stage(1).unwrap();
-        assert_eq!(one.steps[0].digest, two.steps[0].digest, "same RUN on the same base is one piece of work");
+        assert_eq!(
+            one.steps[0].digest, two.steps[0].digest,
+            "same RUN on the same base is one piece of work"
+        );
         assert_ne!(one.steps[1].digest, two.steps[1].digest);
         // A label does not change the filesystem a stage hands on.
         assert_eq!(one.result_digest, two.result_digest);
         let changed = planned(&text.replace("RUN echo hi\nLABEL a=1", "RUN echo bye\nLABEL a=1"));
-        assert_ne!(changed.stage(0).unwrap().steps[0].digest, one.steps[0].digest);
-        assert_ne!(changed.target_stage().steps[0].digest, first.target_stage().steps[0].digest, "a changed source stage changes the COPY");
-        assert_eq!(changed.target_stage().steps[1].definition_digest, first.target_stage().steps[1].definition_digest);
+        assert_ne!(
+            changed.stage(0).unwrap().steps[0].digest,
+            one.steps[0].digest
+        );
+        assert_ne!(
+            changed.target_stage().steps[0].digest,
+            first.target_stage().steps[0].digest,
+            "a changed source stage changes the COPY"
+        );
+        assert_eq!(
+            changed.target_stage().steps[1].definition_digest,
+            first.target_stage().steps[1].definition_digest
+        );
     }
 
     #[test]
     fn run_heredocs_and_shell() {
-        let graph = planned("FROM a\nSHELL [\"/bin/bash\", \"-eu\", \"-c\"]\nRUN <<EOF\necho one\necho two\nEOF\nRUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\nRUN cat <<A > /x\nhello\nA\nCMD run\nENTRYPOINT [\"/e\"]\n");
+        let graph = planned(
+            "FROM a\nSHELL [\"/bin/bash\", \"-eu\", \"-c\"]\nRUN <<EOF\necho one\necho two\nEOF\nRUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\nRUN cat <<A > /x\nhello\nA\nCMD run\nENTRYPOINT [\"/e\"]\n",
+        );
         let stage = graph.target_stage();
-        assert_eq!(run_op(&stage.steps[1]).arguments, vec!["/bin/bash", "-eu", "-c", "echo one\necho two\n"]);
+        assert_eq!(
+            run_op(&stage.steps[1]).arguments,
+            vec!["/bin/bash", "-eu", "-c", "echo one\necho two\n"]
+        );
         let script = run_op(&stage.steps[2]);
-        assert_eq!(script.arguments, vec!["/dev/pipes/EOF"]);
-        assert_eq!(script.script_files[0].content, "#!/usr/bin/env python3\nprint(1)\n");
-        assert_eq!(run_op(&stage.steps[3]).arguments, vec!["/bin/bash", "-eu", "-c", "cat <<A > /x\nhello\nA"]);
-        assert_eq!(stage.steps[4].op, Op::Config(ConfigChange::Cmd(vec!["/bin/bash".into(), "-eu".into(), "-c".into(), "run".into()])));
-        assert_eq!(stage.steps[5].op, Op::Config(ConfigChange::Entrypoint(vec!["/e".into()])));
+        assert_eq!(
+            script.arguments,
+            vec!["/bin/bash", "-eu", "-c", "/dev/pipes/EOF"]
+        );
+        assert_eq!(
+            script.script_files[0].content,
+            "#!/usr/bin/env python3\nprint(1)\n"
+        );
+        assert_eq!(
+            run_op(&stage.steps[3]).arguments,
+            vec!["/bin/bash", "-eu", "-c", "cat <<A > /x\nhello\nA"]
+        );
+        assert_eq!(
+            stage.steps[4].op,
+            Op::Config(ConfigChange::Cmd(vec![
+                "/bin/bash".into(),
+                "-eu".into(),
+                "-c".into(),
+                "run".into()
+            ]))
+        );
+        assert_eq!(
+            stage.steps[5].op,
+            Op::Config(ConfigChange::Entrypoint(vec!["/e".into()]))
+        );
     }
 
     #[test]
     fn mounts_are_expanded_and_resolved() {
-        let graph = planned("FROM a AS build\nRUN true\nFROM b\nARG CACHE=/root/.cache\nWORKDIR /src\nRUN --mount=type=cache,target=$CACHE --mount=from=build,source=/out,target=in --mount=type=secret,id=token true\n");
+        let graph = planned(
+            "FROM a AS build\nRUN true\nFROM b\nARG CACHE=/root/.cache\nWORKDIR /src\nRUN --mount=type=cache,target=$CACHE --mount=from=build,source=/out,target=in --mount=type=secret,id=token true\n",
+        );
         let run = run_op(&graph.target_stage().steps[2]);
         assert_eq!(run.mounts[0].mount.target.as_deref(), Some("/root/.cache"));
         assert_eq!(run.mounts[0].mount.id.as_deref(), Some("/root/.cache"));
         assert_eq!(run.mounts[1].input, Some(Input::Stage(0)));
         assert_eq!(run.mounts[1].mount.target.as_deref(), Some("/src/in"));
-        assert_eq!(run.mounts[2].mount.target.as_deref(), Some("/run/secrets/token"));
+        assert_eq!(
+            run.mounts[2].mount.target.as_deref(),
+            Some("/run/secrets/token")
+        );
         assert_eq!(run.working_dir, "/src");
         assert!(graph.graph.edge_count() > 0);
-        assert!(graph.graph.edge_weights().any(|dependency| *dependency == Dependency::MountSource));
+        assert!(
+            graph
+                .graph
+                .edge_weights()
+                .any(|dependency| *dependency == Dependency::MountSource)
+        );
     }
 
     struct OneImage;
     impl ImageResolver for OneImage {
         fn resolve(&self, reference: &str, _platform: &Platform) -> Option<BaseImageConfig> {
             (reference == "onbuild-base").then(|| BaseImageConfig {
-                env: vec![("PATH".into(), "/usr/bin".into()), ("HOME".into(), "/root".into())],
+                env: vec![
+                    ("PATH".into(), "/usr/bin".into()),
+                    ("HOME".into(), "/root".into()),
+                ],
                 working_dir: Some("/work".into()),
                 user: Some("nobody".into()),
                 shell: None,
@@ -1614,17 +1932,30 @@ mod tests {
 
     #[test]
     fn base_image_config_and_onbuild_triggers() {
-        let graph = plan("FROM onbuild-base\nENV P=$PATH:/x\nRUN true\n", &PlanOptions::default(), &OneImage).unwrap();
+        let graph = plan(
+            "FROM onbuild-base\nENV P=$PATH:/x\nRUN true\n",
+            &PlanOptions::default(),
+            &OneImage,
+        )
+        .unwrap();
         let stage = graph.target_stage();
         assert!(stage.base_config_known);
         assert!(stage.steps[0].from_onbuild && stage.steps[1].from_onbuild);
         assert_eq!(copy_op(&stage.steps[0]).destination, "/app/");
-        assert_eq!(stage.steps[2].op, Op::Config(ConfigChange::Env(vec![("P".into(), "/usr/bin:/x".into())])));
+        assert_eq!(
+            stage.steps[2].op,
+            Op::Config(ConfigChange::Env(vec![("P".into(), "/usr/bin:/x".into())]))
+        );
         let run = run_op(&stage.steps[3]);
         assert_eq!(run.working_dir, "/work");
         assert_eq!(run.user.as_deref(), Some("nobody"));
         // Triggers run once: a stage built on this one does not run them again.
-        let graph = plan("FROM onbuild-base AS one\nFROM one\nRUN x\n", &PlanOptions::default(), &OneImage).unwrap();
+        let graph = plan(
+            "FROM onbuild-base AS one\nFROM one\nRUN x\n",
+            &PlanOptions::default(),
+            &OneImage,
+        )
+        .unwrap();
         assert_eq!(graph.target_stage().steps.len(), 1);
     }
 
@@ -1634,19 +1965,53 @@ mod tests {
         let stage = graph.target_stage();
         assert_eq!(stage.steps.len(), 2);
         assert!(stage.steps[0].from_onbuild);
-        assert_eq!(run_op(&stage.steps[0]).arguments, vec!["/bin/sh", "-c", "echo triggered"]);
+        assert_eq!(
+            run_op(&stage.steps[0]).arguments,
+            vec!["/bin/sh", "-c", "echo triggered"]
+        );
     }
 
     #[test]
     fn expose_volume_stopsignal_chmod_validation() {
-        let graph = planned("FROM a\nARG PORTS=\"80 443/udp\"\nEXPOSE $PORTS 8000-8010\nVOLUME /data\nSTOPSIGNAL SIGQUIT\n");
+        let graph = planned(
+            "FROM a\nARG PORTS=\"80 443/udp\"\nEXPOSE $PORTS 8000-8010\nVOLUME /data\nSTOPSIGNAL SIGQUIT\n",
+        );
         assert_eq!(
             graph.target_stage().steps[1].op,
-            Op::Config(ConfigChange::Expose(vec!["80/tcp".into(), "443/udp".into(), "8000-8010/tcp".into()]))
+            Op::Config(ConfigChange::Expose(vec![
+                "80/tcp".into(),
+                "443/udp".into(),
+                "8000-8010/tcp".into()
+            ]))
         );
-        for bad in ["EXPOSE 99999", "STOPSIGNAL SIGNOPE", "COPY --chmod=999 a /b", "VOLUME \"\""] {
-            assert!(plan(&format!("FROM a\n{bad}\n"), &PlanOptions::default(), &NoImages).is_err(), "{bad}");
+        for bad in [
+            "EXPOSE 99999",
+            "STOPSIGNAL SIGNOPE",
+            "COPY --chmod=999 a /b",
+            "VOLUME \"\"",
+        ] {
+            assert!(
+                plan(
+                    &format!("FROM a\n{bad}\n"),
+                    &PlanOptions::default(),
+                    &NoImages
+                )
+                .is_err(),
+                "{bad}"
+            );
         }
+    }
+
+    #[test]
+    fn platforms_normalize_like_containerd() {
+        let normalized = |text: &str| Platform::parse(text).unwrap().normalized().to_string();
+        assert_eq!(normalized("linux/arm64/v8"), "linux/arm64");
+        assert_eq!(normalized("linux/aarch64"), "linux/arm64");
+        assert_eq!(normalized("linux/x86_64"), "linux/amd64");
+        assert_eq!(normalized("linux/arm"), "linux/arm/v7");
+        assert_eq!(normalized("linux/armhf"), "linux/arm/v7");
+        assert_eq!(normalized("linux/riscv64"), "linux/riscv64");
+        assert!(Platform::parse("linux//x").is_err());
     }
 
     #[test]

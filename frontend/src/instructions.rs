@@ -381,14 +381,20 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
                 Some("none") => NetworkMode::None,
                 Some("host") => NetworkMode::Host,
                 Some(other) => {
-                    return Err(invalid("network", format!("unsupported network mode {other:?} (use default, none or host)")));
+                    return Err(invalid(
+                        "network",
+                        format!("unsupported network mode {other:?} (use default, none or host)"),
+                    ));
                 }
             };
             let security = match flags.take_string("security").as_deref() {
                 None | Some("sandbox") => SecurityMode::Sandbox,
                 Some("insecure") => SecurityMode::Insecure,
                 Some(other) => {
-                    return Err(invalid("security", format!("unsupported security mode {other:?} (use sandbox or insecure)")));
+                    return Err(invalid(
+                        "security",
+                        format!("unsupported security mode {other:?} (use sandbox or insecure)"),
+                    ));
                 }
             };
             Command::Run(RunCommand {
@@ -417,7 +423,11 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
             }
             let mut flags = Flags::parse(node, &specification)?;
             let file = file_command(node, &upper, &mut flags)?;
-            if is_add { Command::Add(file) } else { Command::Copy(file) }
+            if is_add {
+                Command::Add(file)
+            } else {
+                Command::Copy(file)
+            }
         }
         "cmd" => {
             Flags::parse(node, &[])?;
@@ -435,14 +445,18 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
                 ));
             }
             if arguments.is_empty() {
-                return Err(ErrorKind::Arguments("SHELL requires at least one argument".into()));
+                return Err(ErrorKind::Arguments(
+                    "SHELL requires at least one argument".into(),
+                ));
             }
             Command::Shell(arguments.clone())
         }
         "env" | "label" => {
             Flags::parse(node, &[])?;
             if arguments.is_empty() {
-                return Err(ErrorKind::Arguments(format!("{upper} requires at least one argument")));
+                return Err(ErrorKind::Arguments(format!(
+                    "{upper} requires at least one argument"
+                )));
             }
             let pairs = arguments
                 .chunks(3)
@@ -452,14 +466,22 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
                 })
                 .collect::<Vec<_>>();
             if pairs.iter().any(|pair| pair.key.is_empty()) {
-                return Err(ErrorKind::Arguments(format!("{upper} names must not be empty")));
+                return Err(ErrorKind::Arguments(format!(
+                    "{upper} names must not be empty"
+                )));
             }
-            if name == "env" { Command::Env(pairs) } else { Command::Label(pairs) }
+            if name == "env" {
+                Command::Env(pairs)
+            } else {
+                Command::Label(pairs)
+            }
         }
         "arg" => {
             Flags::parse(node, &[])?;
             if arguments.is_empty() {
-                return Err(ErrorKind::Arguments("ARG requires at least one argument".into()));
+                return Err(ErrorKind::Arguments(
+                    "ARG requires at least one argument".into(),
+                ));
             }
             let definitions = arguments
                 .iter()
@@ -469,7 +491,9 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
                         None => (word.clone(), None),
                     };
                     if name.is_empty() {
-                        return Err(ErrorKind::Arguments(format!("ARG names can not be blank: {word:?}")));
+                        return Err(ErrorKind::Arguments(format!(
+                            "ARG names can not be blank: {word:?}"
+                        )));
                     }
                     Ok(ArgDefinition { name, default })
                 })
@@ -479,7 +503,9 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
         "workdir" | "user" | "stopsignal" | "maintainer" => {
             Flags::parse(node, &[])?;
             let [value] = arguments.as_slice() else {
-                return Err(ErrorKind::Arguments(format!("{upper} requires exactly one argument")));
+                return Err(ErrorKind::Arguments(format!(
+                    "{upper} requires exactly one argument"
+                )));
             };
             let value = value.clone();
             match name {
@@ -492,7 +518,9 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
         "expose" | "volume" => {
             Flags::parse(node, &[])?;
             if arguments.is_empty() {
-                return Err(ErrorKind::Arguments(format!("{upper} requires at least one argument")));
+                return Err(ErrorKind::Arguments(format!(
+                    "{upper} requires at least one argument"
+                )));
             }
             if name == "expose" {
                 Command::Expose(arguments.clone())
@@ -504,12 +532,21 @@ fn parse_command(node: &Node) -> Result<Command, ErrorKind> {
         "onbuild" => {
             Flags::parse(node, &[])?;
             let Some(trigger) = &node.subcommand else {
-                return Err(ErrorKind::Arguments("ONBUILD requires at least one argument".into()));
+                return Err(ErrorKind::Arguments(
+                    "ONBUILD requires at least one argument".into(),
+                ));
             };
             if matches!(trigger.command.as_str(), "onbuild" | "from" | "maintainer") {
                 return Err(ErrorKind::OnbuildNotAllowed(trigger.command.to_uppercase()));
             }
-            let expression = trigger.original.clone();
+            // The trigger is stored as text and parsed again when it fires, so heredoc bodies
+            // travel with it: `RUN <<EOF` alone would be an unterminated heredoc.
+            let mut expression = trigger.original.clone();
+            for heredoc in &trigger.heredocs {
+                expression.push('\n');
+                expression.push_str(&heredoc.content);
+                expression.push_str(&heredoc.name);
+            }
             Command::Onbuild(OnbuildCommand {
                 expression,
                 trigger: Box::new(parse_command(trigger)?),
@@ -541,12 +578,15 @@ fn invalid(flag: &str, problem: String) -> ErrorKind {
 fn is_valid_stage_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
 }
 
 fn command_line(node: &Node, name: &str) -> Result<CommandLine, ErrorKind> {
     if node.arguments.is_empty() && node.heredocs.is_empty() && name == "RUN" {
-        return Err(ErrorKind::Arguments("RUN requires at least one argument".into()));
+        return Err(ErrorKind::Arguments(
+            "RUN requires at least one argument".into(),
+        ));
     }
     Ok(CommandLine {
         arguments: node.arguments.clone(),
@@ -560,7 +600,11 @@ fn file_command(node: &Node, name: &str, flags: &mut Flags) -> Result<FileComman
     if arguments.len() < 2 {
         return Err(ErrorKind::Arguments(format!(
             "{name} requires at least two arguments, but only {} provided: the destination could not be determined",
-            if arguments.is_empty() { "none was".to_string() } else { "one was".to_string() }
+            if arguments.is_empty() {
+                "none was".to_string()
+            } else {
+                "one was".to_string()
+            }
         )));
     }
     let (destination, sources) = arguments.split_last().expect("at least two arguments");
@@ -568,10 +612,16 @@ fn file_command(node: &Node, name: &str, flags: &mut Flags) -> Result<FileComman
     let mut plain_sources = Vec::new();
     let mut inline_sources = Vec::new();
     if !node.json && parse_heredoc_marker(destination)?.is_some() {
-        return Err(ErrorKind::Arguments(format!("{name} cannot accept a heredoc as a destination")));
+        return Err(ErrorKind::Arguments(format!(
+            "{name} cannot accept a heredoc as a destination"
+        )));
     }
     for source in sources {
-        let marker = if node.json { None } else { parse_heredoc_marker(source)? };
+        let marker = if node.json {
+            None
+        } else {
+            parse_heredoc_marker(source)?
+        };
         match marker {
             Some(marker) => {
                 let heredoc = heredocs.next().ok_or_else(|| {
@@ -589,7 +639,10 @@ fn file_command(node: &Node, name: &str, flags: &mut Flags) -> Result<FileComman
     let checksum = flags.take_string("checksum");
     if let Some(checksum) = &checksum {
         if plain_sources.len() != 1 || !inline_sources.is_empty() {
-            return Err(invalid("checksum", "a checksum can't be specified for multiple sources".into()));
+            return Err(invalid(
+                "checksum",
+                "a checksum can't be specified for multiple sources".into(),
+            ));
         }
         if checksum.is_empty() {
             return Err(invalid("checksum", "the checksum is empty".into()));
@@ -624,12 +677,16 @@ fn parse_healthcheck(node: &Node) -> Result<Healthcheck, ErrorKind> {
         ],
     )?;
     let Some((kind, rest)) = node.arguments.split_first() else {
-        return Err(ErrorKind::Arguments("HEALTHCHECK requires an argument: CMD or NONE".into()));
+        return Err(ErrorKind::Arguments(
+            "HEALTHCHECK requires an argument: CMD or NONE".into(),
+        ));
     };
     let test = match kind.to_uppercase().as_str() {
         "NONE" => {
             if !rest.is_empty() || !node.flags.is_empty() {
-                return Err(ErrorKind::Arguments("HEALTHCHECK NONE takes no arguments".into()));
+                return Err(ErrorKind::Arguments(
+                    "HEALTHCHECK NONE takes no arguments".into(),
+                ));
             }
             return Ok(Healthcheck {
                 test: vec!["NONE".into()],
@@ -642,21 +699,30 @@ fn parse_healthcheck(node: &Node) -> Result<Healthcheck, ErrorKind> {
         }
         "CMD" => {
             if rest.is_empty() {
-                return Err(ErrorKind::Arguments("missing command after HEALTHCHECK CMD".into()));
+                return Err(ErrorKind::Arguments(
+                    "missing command after HEALTHCHECK CMD".into(),
+                ));
             }
             let mut test = vec![if node.json { "CMD" } else { "CMD-SHELL" }.to_string()];
             test.extend(rest.iter().cloned());
             test
         }
         other => {
-            return Err(ErrorKind::Arguments(format!("unknown type {other:?} in HEALTHCHECK (try CMD)")));
+            return Err(ErrorKind::Arguments(format!(
+                "unknown type {other:?} in HEALTHCHECK (try CMD)"
+            )));
         }
     };
     let mut duration = |flag: &str| -> Result<Option<Duration>, ErrorKind> {
         let Some(text) = flags.take_string(flag) else {
             return Ok(None);
         };
-        let value = parse_go_duration(&text).ok_or_else(|| invalid(flag, format!("{text:?} is not a duration such as 30s or 1m30s")))?;
+        let value = parse_go_duration(&text).ok_or_else(|| {
+            invalid(
+                flag,
+                format!("{text:?} is not a duration such as 30s or 1m30s"),
+            )
+        })?;
         if !value.is_zero() && value < Duration::from_millis(1) {
             return Err(invalid(flag, format!("{text:?} cannot be less than 1ms")));
         }
@@ -668,7 +734,12 @@ fn parse_healthcheck(node: &Node) -> Result<Healthcheck, ErrorKind> {
     let start_interval = duration("start-interval")?;
     let retries = match flags.take_string("retries") {
         None => None,
-        Some(text) => Some(text.parse::<u32>().map_err(|_| invalid("retries", format!("{text:?} is not a whole number of at least 0")))?),
+        Some(text) => Some(text.parse::<u32>().map_err(|_| {
+            invalid(
+                "retries",
+                format!("{text:?} is not a whole number of at least 0"),
+            )
+        })?),
     };
     Ok(Healthcheck {
         test,
@@ -747,7 +818,12 @@ fn parse_mount(value: &str) -> Result<Mount, ErrorKind> {
                 "tmpfs" => MountType::Tmpfs,
                 "secret" => MountType::Secret,
                 "ssh" => MountType::Ssh,
-                other => return Err(invalid("mount", format!("unsupported mount type {other:?}"))),
+                other => {
+                    return Err(invalid(
+                        "mount",
+                        format!("unsupported mount type {other:?}"),
+                    ));
+                }
             };
         }
     }
@@ -763,12 +839,16 @@ fn parse_mount(value: &str) -> Result<Mount, ErrorKind> {
             match value.as_deref().map(str::to_lowercase).as_deref() {
                 None | Some("") | Some("true") | Some("1") => Ok(true),
                 Some("false") | Some("0") => Ok(false),
-                Some(other) => Err(invalid("mount", format!("invalid value {other:?} for {key}"))),
+                Some(other) => Err(invalid(
+                    "mount",
+                    format!("invalid value {other:?} for {key}"),
+                )),
             }
         };
         let number = |value: Option<String>, radix: u32| -> Result<u32, ErrorKind> {
             let text = value.ok_or_else(|| invalid("mount", format!("{key} needs a value")))?;
-            u32::from_str_radix(&text, radix).map_err(|_| invalid("mount", format!("invalid {key} {text:?}")))
+            u32::from_str_radix(&text, radix)
+                .map_err(|_| invalid("mount", format!("invalid {key} {text:?}")))
         };
         match key.as_str() {
             "type" => {}
@@ -786,7 +866,12 @@ fn parse_mount(value: &str) -> Result<Mount, ErrorKind> {
                     "shared" => CacheSharing::Shared,
                     "private" => CacheSharing::Private,
                     "locked" => CacheSharing::Locked,
-                    other => return Err(invalid("mount", format!("unsupported sharing value {other:?}"))),
+                    other => {
+                        return Err(invalid(
+                            "mount",
+                            format!("unsupported sharing value {other:?}"),
+                        ));
+                    }
                 };
             }
             "mode" => mount.mode = Some(number(value, 8)?),
@@ -797,23 +882,35 @@ fn parse_mount(value: &str) -> Result<Mount, ErrorKind> {
                     return Err(invalid("mount", "size is only for tmpfs mounts".into()));
                 }
                 let text = required_value(value)?;
-                mount.size = Some(parse_size(&text).ok_or_else(|| invalid("mount", format!("invalid size {text:?}")))?);
+                mount.size = Some(
+                    parse_size(&text)
+                        .ok_or_else(|| invalid("mount", format!("invalid size {text:?}")))?,
+                );
             }
             "required" => mount.required = boolean(&value)?,
             "env" => mount.env = Some(required_value(value)?),
             other => {
-                return Err(invalid("mount", format!("unexpected key {other:?} in {field:?}")));
+                return Err(invalid(
+                    "mount",
+                    format!("unexpected key {other:?} in {field:?}"),
+                ));
             }
         }
     }
     mount.read_only = read_only.unwrap_or(matches!(mount.mount_type, MountType::Bind));
     match mount.mount_type {
         MountType::Secret if mount.id.is_none() && mount.target.is_none() => {
-            return Err(invalid("mount", "a secret mount needs id= or target=".into()));
+            return Err(invalid(
+                "mount",
+                "a secret mount needs id= or target=".into(),
+            ));
         }
         MountType::Secret | MountType::Ssh => {}
         _ if mount.target.is_none() => {
-            return Err(invalid("mount", "target= is required for this mount type".into()));
+            return Err(invalid(
+                "mount",
+                "target= is required for this mount type".into(),
+            ));
         }
         _ => {}
     }
@@ -853,13 +950,18 @@ fn split_csv(text: &str) -> Result<Vec<String>, String> {
         return Err(format!("unterminated quote in {text:?}"));
     }
     fields.push(field);
-    Ok(fields.into_iter().filter(|field| !field.is_empty()).collect())
+    Ok(fields
+        .into_iter()
+        .filter(|field| !field.is_empty())
+        .collect())
 }
 
 /// Sizes as `docker run --memory` takes them: bytes, or with b, k, m, g, t (powers of 1024).
 pub fn parse_size(text: &str) -> Option<u64> {
     let lower = text.trim().to_lowercase();
-    let digits_end = lower.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(lower.len());
+    let digits_end = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(lower.len());
     let number: f64 = lower[..digits_end].parse().ok()?;
     let multiplier: f64 = match lower[digits_end..].trim() {
         "" | "b" => 1.0,
@@ -870,7 +972,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     let bytes = number * multiplier;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < 1.8e19).then_some(bytes as u64)
+    (0.0..1.8e19).contains(&bytes).then_some(bytes as u64)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -906,7 +1008,12 @@ impl Flags {
                 (FlagKind::Bool, Some(value)) => match value.to_lowercase().as_str() {
                     "true" => "true".to_string(),
                     "false" => "false".to_string(),
-                    _ => return Err(invalid(name, format!("expecting a boolean value, not {value:?}"))),
+                    _ => {
+                        return Err(invalid(
+                            name,
+                            format!("expecting a boolean value, not {value:?}"),
+                        ));
+                    }
                 },
                 (_, None) => return Err(invalid(name, "missing a value, as --name=value".into())),
                 (_, Some(value)) => value.to_string(),
@@ -923,7 +1030,11 @@ impl Flags {
     }
 
     fn take_strings(&mut self, name: &str) -> Vec<String> {
-        match self.values.iter().position(|(existing, _)| *existing == name) {
+        match self
+            .values
+            .iter()
+            .position(|(existing, _)| *existing == name)
+        {
             Some(index) => self.values.swap_remove(index).1,
             None => Vec::new(),
         }
@@ -971,7 +1082,10 @@ mod tests {
         let error = parse_instruction(&dockerfile.nodes[0]).unwrap_err();
         assert!(matches!(error.kind, ErrorKind::InvalidStageName(_)));
         let error = parse_instruction(&dockerfile.nodes[1]).unwrap_err();
-        assert_eq!(error.to_string(), "FROM a b: FROM requires either one or three arguments");
+        assert_eq!(
+            error.to_string(),
+            "FROM a b: FROM requires either one or three arguments"
+        );
         assert_eq!(error.location, Some(Location::line(2)));
     }
 
@@ -980,7 +1094,10 @@ mod tests {
         let error = command("COPPY a b").unwrap_err();
         assert!(matches!(
             error.kind,
-            ErrorKind::UnknownInstruction { suggestion: Some("copy"), .. }
+            ErrorKind::UnknownInstruction {
+                suggestion: Some("copy"),
+                ..
+            }
         ));
         assert_eq!(error.hint().as_deref(), Some("did you mean COPY?"));
     }
@@ -993,7 +1110,10 @@ mod tests {
             ErrorKind::UnknownFlag { ref flag, suggestion: Some("chown") } if flag == "chwon"
         ));
         assert!(command("ADD --from=x a /b").is_err(), "ADD takes no --from");
-        assert!(command("COPY --checksum=sha256:00 a /b").is_err(), "COPY takes no --checksum");
+        assert!(
+            command("COPY --checksum=sha256:00 a /b").is_err(),
+            "COPY takes no --checksum"
+        );
     }
 
     #[test]
@@ -1027,7 +1147,9 @@ mod tests {
 
     #[test]
     fn copy_heredoc_sources() {
-        let dockerfile = parse("FROM a\nCOPY <<EOF <<-'TWO' file /dest/\nhello $X\nEOF\n\tworld\nTWO\n").unwrap();
+        let dockerfile =
+            parse("FROM a\nCOPY <<EOF <<-'TWO' file /dest/\nhello $X\nEOF\n\tworld\nTWO\n")
+                .unwrap();
         let Command::Copy(copy) = parse_instruction(&dockerfile.nodes[1]).unwrap().command else {
             panic!("not COPY");
         };
@@ -1044,7 +1166,11 @@ mod tests {
     #[test]
     fn copy_needs_destination() {
         let error = command("COPY onlyone").unwrap_err();
-        assert!(error.to_string().contains("requires at least two arguments"));
+        assert!(
+            error
+                .to_string()
+                .contains("requires at least two arguments")
+        );
     }
 
     #[test]
@@ -1073,7 +1199,10 @@ mod tests {
     #[test]
     fn bad_mounts_are_errors() {
         assert!(command("RUN --mount=type=nfs,target=/x true").is_err());
-        assert!(command("RUN --mount=type=cache true").is_err(), "cache needs a target");
+        assert!(
+            command("RUN --mount=type=cache true").is_err(),
+            "cache needs a target"
+        );
         assert!(command("RUN --mount=type=bind,target=/x,colour=red true").is_err());
         assert!(command("RUN --mount=type=bind,target=/x,sharing=locked true").is_err());
         assert!(command("RUN --network=bridge true").is_err());
@@ -1081,7 +1210,10 @@ mod tests {
 
     #[test]
     fn healthcheck_forms() {
-        let Command::Healthcheck(check) = command("HEALTHCHECK --interval=5s --timeout=1m30s --start-period=0s --retries=3 CMD curl -f x").unwrap() else {
+        let Command::Healthcheck(check) = command(
+            "HEALTHCHECK --interval=5s --timeout=1m30s --start-period=0s --retries=3 CMD curl -f x",
+        )
+        .unwrap() else {
             panic!("not HEALTHCHECK");
         };
         assert_eq!(check.test, vec!["CMD-SHELL", "curl -f x"]);
@@ -1089,7 +1221,9 @@ mod tests {
         assert_eq!(check.timeout, Some(Duration::from_secs(90)));
         assert_eq!(check.start_period, Some(Duration::ZERO));
         assert_eq!(check.retries, Some(3));
-        let Command::Healthcheck(check) = command("HEALTHCHECK CMD [\"/bin/check\", \"-q\"]").unwrap() else {
+        let Command::Healthcheck(check) =
+            command("HEALTHCHECK CMD [\"/bin/check\", \"-q\"]").unwrap()
+        else {
             panic!("not HEALTHCHECK");
         };
         assert_eq!(check.test, vec!["CMD", "/bin/check", "-q"]);
@@ -1109,6 +1243,12 @@ mod tests {
             panic!("not ONBUILD");
         };
         assert_eq!(onbuild.expression, "RUN echo hi");
+        let dockerfile = parse("FROM a\nONBUILD RUN <<EOF\necho one\nEOF\n").unwrap();
+        let Command::Onbuild(onbuild) = parse_instruction(&dockerfile.nodes[1]).unwrap().command
+        else {
+            panic!("not ONBUILD");
+        };
+        assert_eq!(onbuild.expression, "RUN <<EOF\necho one\nEOF");
         assert!(matches!(*onbuild.trigger, Command::Run(_)));
         let error = command("ONBUILD ONBUILD RUN x").unwrap_err();
         assert!(matches!(error.kind, ErrorKind::OnbuildNotAllowed(_)));
@@ -1130,19 +1270,34 @@ mod tests {
         assert_eq!(
             command("ENV A=1 B=\"two words\"").unwrap(),
             Command::Env(vec![
-                KeyValue { key: "A".into(), value: "1".into() },
-                KeyValue { key: "B".into(), value: "\"two words\"".into() },
+                KeyValue {
+                    key: "A".into(),
+                    value: "1".into()
+                },
+                KeyValue {
+                    key: "B".into(),
+                    value: "\"two words\"".into()
+                },
             ])
         );
         assert_eq!(
             command("LABEL maintainer someone here").unwrap(),
-            Command::Label(vec![KeyValue { key: "maintainer".into(), value: "someone here".into() }])
+            Command::Label(vec![KeyValue {
+                key: "maintainer".into(),
+                value: "someone here".into()
+            }])
         );
         assert_eq!(
             command("ARG A B=2").unwrap(),
             Command::Arg(vec![
-                ArgDefinition { name: "A".into(), default: None },
-                ArgDefinition { name: "B".into(), default: Some("2".into()) },
+                ArgDefinition {
+                    name: "A".into(),
+                    default: None
+                },
+                ArgDefinition {
+                    name: "B".into(),
+                    default: Some("2".into())
+                },
             ])
         );
     }

@@ -10,8 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod dockerignore;
-pub mod expand;
 pub mod error;
+pub mod expand;
 pub mod graph;
 pub mod instructions;
 pub mod parser;

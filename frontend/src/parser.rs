@@ -219,12 +219,22 @@ pub fn parse(text: &str) -> Result<Dockerfile, Error> {
             });
         }
 
-        let mut node = node_from_line(&joined, directives.escape_token)
-            .map_err(|kind| Error::at(kind, Location::new(start_line, current_line), joined.as_str()))?;
+        let mut node = node_from_line(&joined, directives.escape_token).map_err(|kind| {
+            Error::at(
+                kind,
+                Location::new(start_line, current_line),
+                joined.as_str(),
+            )
+        })?;
 
         if node.can_contain_heredoc() && joined.contains("<<") {
-            let markers = heredocs_from_line(&joined)
-                .map_err(|kind| Error::at(kind, Location::new(start_line, current_line), joined.as_str()))?;
+            let markers = heredocs_from_line(&joined).map_err(|kind| {
+                Error::at(
+                    kind,
+                    Location::new(start_line, current_line),
+                    joined.as_str(),
+                )
+            })?;
             let mut heredocs = Vec::with_capacity(markers.len());
             for mut heredoc in markers {
                 let mut terminated = false;
@@ -363,7 +373,10 @@ fn trim_continuation(line: &str, escape_token: char) -> (&str, bool) {
 fn node_from_line(line: &str, escape_token: char) -> Result<Node, ErrorKind> {
     let trimmed = line.trim();
     let (command, rest) = match trimmed.find(is_go_whitespace) {
-        Some(position) => (&trimmed[..position], trimmed[position..].trim_start_matches(is_go_whitespace)),
+        Some(position) => (
+            &trimmed[..position],
+            trimmed[position..].trim_start_matches(is_go_whitespace),
+        ),
         None => (trimmed, ""),
     };
     let command = command.to_lowercase();
@@ -406,15 +419,11 @@ fn node_from_line(line: &str, escape_token: char) -> Result<Node, ErrorKind> {
                 node.json = command_node.json;
             }
         }
-        "maintainer" | "stopsignal" | "user" | "workdir" => {
-            if !rest.is_empty() {
-                node.arguments.push(rest.to_string());
-            }
+        "maintainer" | "stopsignal" | "user" | "workdir" if !rest.is_empty() => {
+            node.arguments.push(rest.to_string());
         }
-        "onbuild" => {
-            if !rest.is_empty() {
-                node.subcommand = Some(Box::new(node_from_line(rest, escape_token)?));
-            }
+        "onbuild" if !rest.is_empty() => {
+            node.subcommand = Some(Box::new(node_from_line(rest, escape_token)?));
         }
         // Unknown instructions keep no arguments; the instruction layer reports them.
         _ => {}
@@ -466,7 +475,8 @@ fn parse_json(rest: &str) -> Result<Option<Vec<String>>, ErrorKind> {
     if !rest.starts_with('[') {
         return Ok(None);
     }
-    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(rest) else {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(rest)
+    else {
         return Ok(None);
     };
     items
@@ -564,7 +574,11 @@ fn parse_words(rest: &str, escape_token: char) -> Vec<String> {
 
 /// ENV and LABEL: `KEY value` (old form, the rest of the line is the value) or
 /// `k=v k2="v 2"`; returns (key, value, separator) triples flattened.
-fn parse_name_value(rest: &str, instruction: &'static str, escape_token: char) -> Result<Vec<String>, ErrorKind> {
+fn parse_name_value(
+    rest: &str,
+    instruction: &'static str,
+    escape_token: char,
+) -> Result<Vec<String>, ErrorKind> {
     let words = parse_words(rest, escape_token);
     let Some(first) = words.first() else {
         return Ok(Vec::new());
@@ -687,7 +701,9 @@ fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, ErrorKind> {
         .with_raw_escapes(true)
         .with_skip_unset_variables(true);
     // BuildKit ignores lexing errors here: what could not be split has no markers.
-    let words = raw_lexer.expand_words(line, &NoVariables).unwrap_or_default();
+    let words = raw_lexer
+        .expand_words(line, &NoVariables)
+        .unwrap_or_default();
     let mut heredocs = Vec::new();
     for word in words {
         if let Some(heredoc) = parse_heredoc_marker(&word)? {
@@ -717,7 +733,7 @@ pub fn parse_heredoc_marker(word: &str) -> Result<Option<Heredoc>, ErrorKind> {
     let lexer = Lexer::new('\\').with_skip_unset_variables(true);
     let words = lexer
         .expand_words(rest, &NoVariables)
-        .map_err(ErrorKind::HeredocLexing)?;
+        .map_err(|error| ErrorKind::HeredocLexing(Box::new(error)))?;
     let [name] = words.as_slice() else {
         return Ok(None);
     };
@@ -725,7 +741,7 @@ pub fn parse_heredoc_marker(word: &str) -> Result<Option<Heredoc>, ErrorKind> {
         .clone()
         .with_raw_quotes(true)
         .expand_words(rest, &NoVariables)
-        .map_err(ErrorKind::HeredocLexing)?;
+        .map_err(|error| ErrorKind::HeredocLexing(Box::new(error)))?;
     let quote_count = |text: &str| text.matches(['\'', '"']).count();
     let expand = raw_words.len() == 1 && quote_count(name) == quote_count(&raw_words[0]);
     Ok(Some(Heredoc {
@@ -753,7 +769,9 @@ pub fn go_quote(text: &str) -> String {
             '\t' => out.push_str("\\t"),
             '\u{0b}' => out.push_str("\\v"),
             ' ' => out.push(' '),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c if c.is_control() || c.is_whitespace() || ('\u{80}'..='\u{9f}').contains(&c) => {
                 if (c as u32) < 0x10000 {
                     out.push_str(&format!("\\u{:04x}", c as u32));
@@ -794,9 +812,13 @@ mod tests {
 
     #[test]
     fn directives_only_at_the_top() {
-        let parsed = parse("# syntax=docker/dockerfile:1\n# escape=`\n# check=skip=all\nFROM a\n").unwrap();
+        let parsed =
+            parse("# syntax=docker/dockerfile:1\n# escape=`\n# check=skip=all\nFROM a\n").unwrap();
         assert_eq!(parsed.directives.escape_token, '`');
-        assert_eq!(parsed.directives.syntax.as_deref(), Some("docker/dockerfile:1"));
+        assert_eq!(
+            parsed.directives.syntax.as_deref(),
+            Some("docker/dockerfile:1")
+        );
         assert_eq!(parsed.directives.check.as_deref(), Some("skip=all"));
         let late = parse("FROM a\n# escape=`\nRUN x \\\n y\n").unwrap();
         assert_eq!(late.directives.escape_token, '\\');

@@ -31,13 +31,22 @@ fn every_buildkit_testfile_parses_to_its_result() {
             Ok(parsed) => {
                 let actual = parsed.dump();
                 if actual.trim_end() != expected.trim_end() {
-                    failures.push(format!("{}:\n--- expected\n{expected}--- actual\n{actual}", case.display()));
+                    failures.push(format!(
+                        "{}:\n--- expected\n{expected}--- actual\n{actual}",
+                        case.display()
+                    ));
                 }
             }
             Err(error) => failures.push(format!("{}: failed to parse: {error}", case.display())),
         }
     }
-    assert!(failures.is_empty(), "{} of {} files differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} files differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -61,10 +61,15 @@ pub fn run(options: &BuildOptions) -> Status {
     let plan = Plan::new(&display_name, &graph, ignore.as_ref());
     let printed = match options.format {
         PlanFormat::Text => plan.text(),
-        PlanFormat::Json => serde_json::to_string_pretty(&plan).map(|json| json + "\n").expect("plans serialize"),
+        PlanFormat::Json => serde_json::to_string_pretty(&plan)
+            .map(|json| json + "\n")
+            .expect("plans serialize"),
     };
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(printed.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(printed.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Ok(()) => Status::Success,
         // A closed pipe (`| head`) is not a failure of the build.
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Status::Success,
@@ -85,7 +90,8 @@ fn read_dockerfile(source: &DockerfileSource) -> Result<(String, String), String
             ("Dockerfile".to_string(), bytes)
         }
         DockerfileSource::Path(path) => {
-            let bytes = std::fs::read(path).map_err(|error| format!("reading the Dockerfile {}: {error}", path.display()))?;
+            let bytes = std::fs::read(path)
+                .map_err(|error| format!("reading the Dockerfile {}: {error}", path.display()))?;
             (path.display().to_string(), bytes)
         }
     };
@@ -118,8 +124,10 @@ fn read_dockerignore(options: &BuildOptions) -> Result<Option<(PathBuf, IgnoreMa
     let Some(path) = dockerignore_path(options) else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&path).map_err(|error| format!("reading {}: {error}", path.display()))?;
-    let matcher = IgnoreMatcher::from_dockerignore(&text).map_err(|error| format!("{}: {error}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|error| format!("reading {}: {error}", path.display()))?;
+    let matcher = IgnoreMatcher::from_dockerignore(&text)
+        .map_err(|error| format!("{}: {error}", path.display()))?;
     Ok(Some((path, matcher)))
 }
 
@@ -162,7 +170,11 @@ struct PlannedStep {
 }
 
 impl Plan {
-    fn new(dockerfile: &str, graph: &BuildGraph, ignore: Option<&(PathBuf, IgnoreMatcher)>) -> Self {
+    fn new(
+        dockerfile: &str,
+        graph: &BuildGraph,
+        ignore: Option<&(PathBuf, IgnoreMatcher)>,
+    ) -> Self {
         let stages = graph
             .stages
             .iter()
@@ -195,7 +207,10 @@ impl Plan {
     fn text(&self) -> String {
         let mut out = format!("plan for {} (target {})\n", self.dockerfile, self.target);
         if let Some(ignore) = &self.dockerignore {
-            out.push_str(&format!("context filter: {} ({} patterns)\n", ignore.path, ignore.patterns));
+            out.push_str(&format!(
+                "context filter: {} ({} patterns)\n",
+                ignore.path, ignore.patterns
+            ));
         }
         for stage in &self.stages {
             out.push_str(&format!(
@@ -203,7 +218,12 @@ impl Plan {
                 stage.index, stage.name, stage.base, stage.platform, stage.line
             ));
         }
-        let width = self.steps.iter().map(|step| step.label.len()).max().unwrap_or(0);
+        let width = self
+            .steps
+            .iter()
+            .map(|step| step.label.len())
+            .max()
+            .unwrap_or(0);
         for (number, step) in self.steps.iter().enumerate() {
             out.push_str(&format!(
                 "#{:<3} {:<width$} {}\n      line {}: {}\n",
@@ -223,8 +243,15 @@ fn planned_step(graph: &BuildGraph, vertex: Vertex) -> PlannedStep {
         Vertex::Base { stage } => (stage, 0),
         Vertex::Step { stage, step } => (stage, step + 1),
     };
-    let stage = graph.stage(stage_index).expect("vertices belong to kept stages");
-    let label = format!("[{} {}/{}]", stage.display_name(), position + 1, stage.steps.len() + 1);
+    let stage = graph
+        .stage(stage_index)
+        .expect("vertices belong to kept stages");
+    let label = format!(
+        "[{} {}/{}]",
+        stage.display_name(),
+        position + 1,
+        stage.steps.len() + 1
+    );
     match graph.step(vertex) {
         None => PlannedStep {
             label,
@@ -234,19 +261,27 @@ fn planned_step(graph: &BuildGraph, vertex: Vertex) -> PlannedStep {
             digest: Some(stage.base_digest.clone()),
             prediction: match &stage.base {
                 Base::Scratch => "empty filesystem".to_string(),
-                Base::Image(reference) => format!("base image {reference}: not in the store (a build would fetch it)"),
+                Base::Image(reference) => {
+                    format!("base image {reference}: not in the store (a build would fetch it)")
+                }
                 Base::Stage(_) => "result of the stage it names".to_string(),
             },
         },
         Some(step) => {
             let (kind, prediction) = match &step.op {
                 Op::Run(_) => ("run", "would run: no build cache in this root yet"),
-                Op::Copy(copy) if copy.is_add => ("add", "would run: no build cache in this root yet"),
+                Op::Copy(copy) if copy.is_add => {
+                    ("add", "would run: no build cache in this root yet")
+                }
                 Op::Copy(_) => ("copy", "would run: no build cache in this root yet"),
                 Op::Workdir { .. } => ("workdir", "would run: no build cache in this root yet"),
                 Op::Config(_) => ("config", "image config only"),
             };
-            let origin = if step.from_onbuild { " (ONBUILD trigger of the base)" } else { "" };
+            let origin = if step.from_onbuild {
+                " (ONBUILD trigger of the base)"
+            } else {
+                ""
+            };
             PlannedStep {
                 label,
                 instruction: step.instruction.clone(),
@@ -265,14 +300,19 @@ fn describe_base(graph: &BuildGraph, base: &Base) -> String {
         Base::Image(reference) => format!("image {reference}"),
         Base::Stage(index) => format!(
             "stage {}",
-            graph.stage(*index).map_or_else(|| index.to_string(), |stage| stage.display_name())
+            graph
+                .stage(*index)
+                .map_or_else(|| index.to_string(), |stage| stage.display_name())
         ),
     }
 }
 
 fn one_line(instruction: &str) -> String {
     const LIMIT: usize = 100;
-    let flat: String = instruction.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = instruction
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.chars().count() <= LIMIT {
         flat
     } else {
