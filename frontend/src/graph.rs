@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, ErrorKind, Location};
 use crate::expand::{ExpandError, Lexer, VariableLookup};
 use crate::instructions::{
-    ArgDefinition, CacheSharing, Command, FileCommand, Healthcheck, Instruction, Mount, MountType,
-    NetworkMode, RunCommand, SecurityMode, parse_instruction,
+    ArgDefinition, CacheSharing, Command, CopyOptions, FileCommand, Healthcheck, Instruction,
+    Mount, MountType, NetworkMode, RunCommand, SecurityMode, parse_instruction,
 };
 use crate::parser::{self, Dockerfile};
 
@@ -265,22 +265,9 @@ pub struct CopyOp {
     pub inline_sources: Vec<(String, String)>,
     /// The destination, made absolute against WORKDIR (a trailing `/` is kept).
     pub destination: String,
-    /// `--chown`, expanded.
-    pub chown: Option<String>,
-    /// `--chmod`, expanded.
-    pub chmod: Option<String>,
-    /// `--link`.
-    pub link: bool,
-    /// `--exclude` patterns, expanded.
-    pub exclude: Vec<String>,
-    /// `--parents`.
-    pub parents: bool,
-    /// ADD `--checksum`, expanded.
-    pub checksum: Option<String>,
-    /// ADD `--keep-git-dir`.
-    pub keep_git_dir: bool,
-    /// ADD `--unpack`.
-    pub unpack: Option<bool>,
+    /// The COPY/ADD flags, with `--chown`, `--chmod`, `--exclude` and `--checksum` expanded.
+    #[serde(flatten)]
+    pub options: CopyOptions,
     /// USER in effect (ownership defaults follow `--chown` only, as in BuildKit).
     pub user: Option<String>,
 }
@@ -1318,8 +1305,19 @@ impl<'a> Planner<'a> {
         {
             resolved.push('/');
         }
-        let chmod = expand_option(&file.chmod)?;
-        if let Some(mode) = &chmod
+        let written = &file.options;
+        let options = CopyOptions {
+            chown: expand_option(&written.chown)?,
+            chmod: expand_option(&written.chmod)?,
+            exclude: written
+                .exclude
+                .iter()
+                .map(|pattern| expand(pattern))
+                .collect::<Result<Vec<_>, _>>()?,
+            checksum: expand_option(&written.checksum)?,
+            ..written.clone()
+        };
+        if let Some(mode) = &options.chmod
             && (mode.is_empty()
                 || u32::from_str_radix(mode, 8).map_or(true, |value| value > 0o7777))
         {
@@ -1338,18 +1336,7 @@ impl<'a> Planner<'a> {
             sources,
             inline_sources,
             destination: resolved,
-            chown: expand_option(&file.chown)?,
-            chmod,
-            link: file.link,
-            exclude: file
-                .exclude
-                .iter()
-                .map(|pattern| expand(pattern))
-                .collect::<Result<Vec<_>, _>>()?,
-            parents: file.parents,
-            checksum: expand_option(&file.checksum)?,
-            keep_git_dir: file.keep_git_dir,
-            unpack: file.unpack,
+            options,
             user: draft.inherited.user.clone(),
         })
     }

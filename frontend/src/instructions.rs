@@ -242,6 +242,17 @@ pub struct FileCommand {
     pub destination: String,
     /// `--from` (COPY only).
     pub from: Option<String>,
+    /// The flags COPY and ADD share (unexpanded here).
+    #[serde(flatten)]
+    pub options: CopyOptions,
+    /// The arguments were a JSON array.
+    pub json: bool,
+}
+
+/// The flags of COPY and ADD, as written in [`FileCommand`] and expanded in the graph's
+/// copy op.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CopyOptions {
     /// `--chown`.
     pub chown: Option<String>,
     /// `--chmod`.
@@ -258,8 +269,6 @@ pub struct FileCommand {
     pub keep_git_dir: bool,
     /// `--unpack` (ADD only): `None` means the default (local archives are unpacked).
     pub unpack: Option<bool>,
-    /// The arguments were a JSON array.
-    pub json: bool,
 }
 
 /// A COPY/ADD source given as a heredoc.
@@ -653,14 +662,16 @@ fn file_command(node: &Node, name: &str, flags: &mut Flags) -> Result<FileComman
         inline_sources,
         destination: destination.clone(),
         from: flags.take_string("from"),
-        chown: flags.take_string("chown"),
-        chmod: flags.take_string("chmod"),
-        link: flags.take_bool("link"),
-        exclude: flags.take_strings("exclude"),
-        parents: flags.take_bool("parents"),
-        checksum,
-        keep_git_dir: flags.take_bool("keep-git-dir"),
-        unpack: flags.take_optional_bool("unpack"),
+        options: CopyOptions {
+            chown: flags.take_string("chown"),
+            chmod: flags.take_string("chmod"),
+            link: flags.take_bool("link"),
+            exclude: flags.take_strings("exclude"),
+            parents: flags.take_bool("parents"),
+            checksum,
+            keep_git_dir: flags.take_bool("keep-git-dir"),
+            unpack: flags.take_optional_bool("unpack"),
+        },
         json: node.json,
     })
 }
@@ -1125,10 +1136,10 @@ mod tests {
             panic!("not COPY");
         };
         assert_eq!(copy.from.as_deref(), Some("build"));
-        assert_eq!(copy.chown.as_deref(), Some("1:2"));
-        assert_eq!(copy.chmod.as_deref(), Some("0755"));
-        assert!(copy.link && copy.parents);
-        assert_eq!(copy.exclude, vec!["*.md", "tmp"]);
+        assert_eq!(copy.options.chown.as_deref(), Some("1:2"));
+        assert_eq!(copy.options.chmod.as_deref(), Some("0755"));
+        assert!(copy.options.link && copy.options.parents);
+        assert_eq!(copy.options.exclude, vec!["*.md", "tmp"]);
         assert_eq!(copy.sources, vec!["a", "b"]);
         assert_eq!(copy.destination, "/dest/");
     }
@@ -1138,9 +1149,9 @@ mod tests {
         let Command::Add(add) = command("ADD --checksum=sha256:abc --keep-git-dir=true --unpack=false http://127.0.0.1/x.tar /x").unwrap() else {
             panic!("not ADD");
         };
-        assert_eq!(add.checksum.as_deref(), Some("sha256:abc"));
-        assert!(add.keep_git_dir);
-        assert_eq!(add.unpack, Some(false));
+        assert_eq!(add.options.checksum.as_deref(), Some("sha256:abc"));
+        assert!(add.options.keep_git_dir);
+        assert_eq!(add.options.unpack, Some(false));
         assert!(command("ADD --link=maybe a /b").is_err());
         assert!(command("COPY --chown=1 --chown=2 a /b").is_err());
     }
