@@ -481,15 +481,7 @@ impl BuildGraph {
     pub fn describe(&self) -> String {
         let mut out = format!("target: {}\n", self.target_stage().display_name());
         for stage in &self.stages {
-            let base = match &stage.base {
-                Base::Scratch => "scratch".to_string(),
-                Base::Image(reference) => format!("image {reference}"),
-                Base::Stage(index) => format!(
-                    "stage {}",
-                    self.stage(*index)
-                        .map_or_else(|| index.to_string(), Stage::display_name)
-                ),
-            };
+            let base = self.describe_base(&stage.base);
             out.push_str(&format!(
                 "stage {} {} (line {}): from {base} [{}]\n",
                 stage.index,
@@ -521,6 +513,19 @@ impl BuildGraph {
             out.push_str(&format!("warning: {warning}\n"));
         }
         out
+    }
+
+    /// `scratch`, `image REF` or `stage NAME`.
+    pub fn describe_base(&self, base: &Base) -> String {
+        match base {
+            Base::Scratch => "scratch".to_string(),
+            Base::Image(reference) => format!("image {reference}"),
+            Base::Stage(index) => format!(
+                "stage {}",
+                self.stage(*index)
+                    .map_or_else(|| index.to_string(), Stage::display_name)
+            ),
+        }
     }
 
     /// The step a vertex names, if it is a step.
@@ -669,6 +674,18 @@ impl<'a> Planner<'a> {
             ));
         }
         Ok(())
+    }
+
+    /// Expands `word` with `variables`, naming the instruction on failure.
+    fn expand(
+        &self,
+        word: &str,
+        variables: &[(String, String)],
+        instruction: &Instruction,
+    ) -> Result<String, Error> {
+        self.lexer
+            .expand_word(word, &variables)
+            .map_err(|error| Self::expansion_error(instruction, error))
     }
 
     fn expansion_error(instruction: &Instruction, error: ExpandError) -> Error {
@@ -888,14 +905,8 @@ impl<'a> Planner<'a> {
                 // Each assignment sees the ones before it on the same line, as in BuildKit.
                 let mut scope = variables.clone();
                 for pair in pairs {
-                    let key = self
-                        .lexer
-                        .expand_word(&pair.key, &scope.as_slice())
-                        .map_err(|error| Self::expansion_error(instruction, error))?;
-                    let value = self
-                        .lexer
-                        .expand_word(&pair.value, &scope.as_slice())
-                        .map_err(|error| Self::expansion_error(instruction, error))?;
+                    let key = self.expand(&pair.key, &scope, instruction)?;
+                    let value = self.expand(&pair.value, &scope, instruction)?;
                     scope.push((key.clone(), value.clone()));
                     expanded.push((key, value));
                 }
@@ -928,11 +939,7 @@ impl<'a> Planner<'a> {
                         None => match &definition.default {
                             Some(default) => {
                                 let scope = Self::stage_variables(&self.stages[draft_index]);
-                                Some(
-                                    self.lexer.expand_word(default, &scope.as_slice()).map_err(
-                                        |error| Self::expansion_error(instruction, error),
-                                    )?,
-                                )
+                                Some(self.expand(default, &scope, instruction)?)
                             }
                             None => self
                                 .global_args
@@ -1173,11 +1180,7 @@ impl<'a> Planner<'a> {
         prepend_shell: bool,
     ) -> Result<RunOp, Error> {
         let draft = &self.stages[draft_index];
-        let expand = |word: &str| {
-            self.lexer
-                .expand_word(word, &variables)
-                .map_err(|error| Self::expansion_error(instruction, error))
-        };
+        let expand = |word: &str| self.expand(word, variables, instruction);
         let arguments = self.with_shell(draft_index, prepend_shell, &arguments);
         let mut mounts = Vec::with_capacity(run.mounts.len());
         for mount in &run.mounts {
@@ -1266,11 +1269,7 @@ impl<'a> Planner<'a> {
         instruction: &Instruction,
     ) -> Result<CopyOp, Error> {
         let draft = &self.stages[draft_index];
-        let expand = |word: &str| {
-            self.lexer
-                .expand_word(word, &variables)
-                .map_err(|error| Self::expansion_error(instruction, error))
-        };
+        let expand = |word: &str| self.expand(word, variables, instruction);
         let expand_option = |word: &Option<String>| word.as_deref().map(expand).transpose();
         let input = match expand_option(&file.from)? {
             Some(from) => self.resolve_input(&from, draft_index, instruction, false)?,

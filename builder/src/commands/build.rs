@@ -181,7 +181,7 @@ impl Plan {
             .map(|stage| PlannedStage {
                 index: stage.index,
                 name: stage.display_name(),
-                base: describe_base(graph, &stage.base),
+                base: graph.describe_base(&stage.base),
                 platform: stage.platform.to_string(),
                 line: stage.location.start_line,
             })
@@ -291,19 +291,6 @@ fn planned_step(graph: &BuildGraph, vertex: Vertex) -> PlannedStep {
                 prediction: format!("{prediction}{origin}"),
             }
         }
-    }
-}
-
-fn describe_base(graph: &BuildGraph, base: &Base) -> String {
-    match base {
-        Base::Scratch => "scratch".to_string(),
-        Base::Image(reference) => format!("image {reference}"),
-        Base::Stage(index) => format!(
-            "stage {}",
-            graph
-                .stage(*index)
-                .map_or_else(|| index.to_string(), |stage| stage.display_name())
-        ),
     }
 }
 
