@@ -1,7 +1,15 @@
 //! rbuild's storage: the sha256 content store in OCI layout, the image store (tags), the cache
-//! index (cache key → layer), context checksums (blake3 with a stat cache), safe layer diff and
-//! apply, snapshots, prune and du.
+//! index (cache key → layer), safe layer creation and application, OCI and Docker archives,
+//! prune and du.
 //!
-//! It never touches the network or namespaces. The store itself arrives with the store issue;
-//! for now this crate holds only its contract.
+//! It never touches the network or namespaces.
 #![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod compression;
+pub mod content;
+pub mod digest;
+pub mod layer;
+
+pub use content::{BlobInfo, BlobWriter, ContentError, ContentStore};
+pub use digest::Digest;
