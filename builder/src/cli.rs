@@ -36,6 +36,125 @@ pub struct Cli {
 pub enum CommandLine {
     /// Build an image from a Dockerfile and a context directory (the default command).
     Build(BuildArguments),
+    /// List the images in the local store.
+    Images(ImagesArguments),
+    /// Show an image's manifest digest and OCI config as JSON.
+    Inspect(InspectArguments),
+    /// Give an image another name.
+    Tag(TagArguments),
+    /// Remove image names (the content goes at the next `rbuild prune`).
+    Rmi(RmiArguments),
+    /// Write images to an OCI layout tar that `docker load` also reads.
+    Save(SaveArguments),
+    /// Read images from an OCI layout tar or a docker-archive tar.
+    Load(LoadArguments),
+    /// Turn a rootfs tarball into a one-layer image.
+    Import(ImportArguments),
+    /// Delete content no image or cache record needs.
+    Prune(PruneArguments),
+    /// Show the disk space used under the root.
+    Du(DuArguments),
+    /// Re-hash every blob and check every image is whole.
+    Verify,
+}
+
+/// `--format` of listing commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// `rbuild images`.
+#[derive(Debug, Args)]
+pub struct ImagesArguments {
+    /// Print image ids only.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+    pub format: ListFormat,
+}
+
+/// `rbuild inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArguments {
+    /// Image names or ids.
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<String>,
+}
+
+/// `rbuild tag`.
+#[derive(Debug, Args)]
+pub struct TagArguments {
+    /// The image (name or id).
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+    /// The new name.
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+}
+
+/// `rbuild rmi`.
+#[derive(Debug, Args)]
+pub struct RmiArguments {
+    /// Image names or ids.
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<String>,
+    /// Remove every name of an image given by id.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// `rbuild save`.
+#[derive(Debug, Args)]
+pub struct SaveArguments {
+    /// Write to this file instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Image names or ids.
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<String>,
+}
+
+/// `rbuild load`.
+#[derive(Debug, Args)]
+pub struct LoadArguments {
+    /// Read from this file instead of standard input.
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `rbuild import`.
+#[derive(Debug, Args)]
+pub struct ImportArguments {
+    /// The rootfs tarball (plain, gzip or zstd); `-` reads standard input.
+    #[arg(value_name = "ROOTFS.tar")]
+    pub file: PathBuf,
+    /// The name for the image.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+/// `rbuild prune`.
+#[derive(Debug, Args)]
+pub struct PruneArguments {
+    /// Also drop the whole build cache and every snapshot.
+    #[arg(short, long)]
+    pub all: bool,
+}
+
+/// `rbuild du`.
+#[derive(Debug, Args)]
+pub struct DuArguments {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+    pub format: ListFormat,
 }
 
 /// `rbuild build`.
@@ -143,7 +262,10 @@ pub enum PlanFormat {
 }
 
 /// The commands that are not `build`; any other first word means `build`.
-const COMMANDS: &[&str] = &["build", "help"];
+const COMMANDS: &[&str] = &[
+    "build", "images", "inspect", "tag", "rmi", "save", "load", "import", "prune", "du", "verify",
+    "help",
+];
 
 /// Inserts `build` after the global options when no command is named.
 pub fn with_default_command(arguments: Vec<OsString>) -> Vec<OsString> {
@@ -182,6 +304,10 @@ pub fn main() -> ExitCode {
             Ok(options) => commands::build::run(&options),
             Err(error) => usage_failure(&error),
         },
+        command => {
+            let root = cli.root.unwrap_or_else(crate::options::default_root);
+            commands::image::run(&root, command)
+        }
     };
     ExitCode::from(status.code())
 }

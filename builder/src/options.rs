@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rbuild_cache::Reference;
 use rbuild_frontend::Platform;
 
 use crate::cli::{BuildArguments, NetworkArgument, PlanFormat, ProgressArgument};
@@ -455,67 +456,23 @@ fn parse_secret(spec: &str) -> Result<Secret, UsageError> {
     Ok(Secret { id, source })
 }
 
-/// Checks an image reference as Docker does: lower-case path components of `[a-z0-9._-]`,
-/// an optional registry host[:port], an optional `:tag` of up to 128 characters, an optional
-/// `@sha256:` digest.
+/// Checks an image reference as Docker does (the store's [`Reference`] parser): lower-case
+/// path components of `[a-z0-9._-]`, an optional registry host[:port], an optional `:tag` of
+/// up to 128 characters, an optional `@sha256:` digest.
 pub fn validate_reference(reference: &str) -> Result<(), &'static str> {
-    if reference.is_empty() {
-        return Err("the name is empty");
-    }
-    let (name, digest) = match reference.split_once('@') {
-        Some((name, digest)) => (name, Some(digest)),
-        None => (reference, None),
-    };
-    if let Some(digest) = digest {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .ok_or("a digest must be sha256:<64 hex>")?;
-        if hex.len() != 64
-            || !hex
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        {
-            return Err("a digest must be sha256:<64 hex>");
+    use rbuild_cache::reference::ReferenceError;
+    Reference::parse(reference).map(drop).map_err(|error| match error {
+        ReferenceError::Empty => "the name is empty",
+        ReferenceError::Tag { .. } => {
+            "a tag is up to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
         }
-    }
-    let last_slash = name.rfind('/').map_or(0, |position| position + 1);
-    let (path, tag) = match name[last_slash..].rfind(':') {
-        Some(colon) => (
-            &name[..last_slash + colon],
-            Some(&name[last_slash + colon + 1..]),
-        ),
-        None => (name, None),
-    };
-    if let Some(tag) = tag {
-        let valid = !tag.is_empty()
-            && tag.len() <= 128
-            && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-            && tag
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !valid {
-            return Err("a tag is up to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'");
+        ReferenceError::Digest { .. } => "a digest must be sha256:<64 hex>",
+        ReferenceError::Registry { .. } => "a registry is host[:port]",
+        ReferenceError::TooLong { .. } => "the repository name is longer than 255 characters",
+        ReferenceError::Component { .. } => {
+            "names are lower-case [a-z0-9] with '.', '_' or '-' between"
         }
-    }
-    let mut components: Vec<&str> = path.split('/').collect();
-    if components.len() > 1 {
-        let first = components[0];
-        if first.contains('.') || first.contains(':') || first == "localhost" {
-            components.remove(0);
-        }
-    }
-    for component in components {
-        let valid = !component.is_empty()
-            && component.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && component.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && component.chars().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
-            });
-        if !valid {
-            return Err("names are lower-case [a-z0-9] with '.', '_' or '-' between");
-        }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -6,10 +6,18 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod archive;
+pub mod cache_index;
 pub mod compression;
 pub mod content;
 pub mod digest;
+pub mod gc;
 pub mod layer;
+pub mod reference;
+pub mod store;
+pub mod time;
 
 pub use content::{BlobInfo, BlobWriter, ContentError, ContentStore};
 pub use digest::Digest;
+pub use reference::Reference;
+pub use store::{Image, ImageRecord, Store, StoreError, Target};

@@ -1,3 +1,4 @@
 //! One module a command; each takes validated options and returns how the process exits.
 
 pub mod build;
+pub mod image;
