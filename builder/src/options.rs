@@ -461,18 +461,20 @@ fn parse_secret(spec: &str) -> Result<Secret, UsageError> {
 /// up to 128 characters, an optional `@sha256:` digest.
 pub fn validate_reference(reference: &str) -> Result<(), &'static str> {
     use rbuild_cache::reference::ReferenceError;
-    Reference::parse(reference).map(drop).map_err(|error| match error {
-        ReferenceError::Empty => "the name is empty",
-        ReferenceError::Tag { .. } => {
-            "a tag is up to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
-        }
-        ReferenceError::Digest { .. } => "a digest must be sha256:<64 hex>",
-        ReferenceError::Registry { .. } => "a registry is host[:port]",
-        ReferenceError::TooLong { .. } => "the repository name is longer than 255 characters",
-        ReferenceError::Component { .. } => {
-            "names are lower-case [a-z0-9] with '.', '_' or '-' between"
-        }
-    })
+    Reference::parse(reference)
+        .map(drop)
+        .map_err(|error| match error {
+            ReferenceError::Empty => "the name is empty",
+            ReferenceError::Tag { .. } => {
+                "a tag is up to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
+            }
+            ReferenceError::Digest { .. } => "a digest must be sha256:<64 hex>",
+            ReferenceError::Registry { .. } => "a registry is host[:port]",
+            ReferenceError::TooLong { .. } => "the repository name is longer than 255 characters",
+            ReferenceError::Component { .. } => {
+                "names are lower-case [a-z0-9] with '.', '_' or '-' between"
+            }
+        })
 }
 
 #[cfg(test)]

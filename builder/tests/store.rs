@@ -60,9 +60,12 @@ fn succeeds(output: Output) -> String {
 
 #[track_caller]
 fn tool(program: &str, arguments: &[&str]) -> String {
-    let output = Command::new(program).args(arguments).output().unwrap_or_else(|error| {
-        panic!("{program} must be installed (CI installs it with apt-get): {error}")
-    });
+    let output = Command::new(program)
+        .args(arguments)
+        .output()
+        .unwrap_or_else(|error| {
+            panic!("{program} must be installed (CI installs it with apt-get): {error}")
+        });
     assert!(
         output.status.success(),
         "{program} {arguments:?} failed: {}{}",
@@ -84,7 +87,12 @@ fn busybox_tar() -> &'static Path {
 }
 
 fn import_busybox(root: &Path, name: &str) -> String {
-    succeeds(rbuild(root, &["import", busybox_tar().to_str().unwrap(), name])).trim().to_string()
+    succeeds(rbuild(
+        root,
+        &["import", busybox_tar().to_str().unwrap(), name],
+    ))
+    .trim()
+    .to_string()
 }
 
 fn inspect(root: &Path, name: &str) -> serde_json::Value {
@@ -101,7 +109,10 @@ fn import_then_images_inspect_tag_rmi_prune() {
     let images = succeeds(rbuild(&root, &["images"]));
     let lines: Vec<&str> = images.lines().collect();
     assert!(lines[0].starts_with("REPOSITORY"), "{images}");
-    assert!(lines[1].starts_with("busybox ") && lines[1].contains("latest"), "{images}");
+    assert!(
+        lines[1].starts_with("busybox ") && lines[1].contains("latest"),
+        "{images}"
+    );
 
     let image = inspect(&root, "busybox");
     assert_eq!(image["digest"], digest.as_str());
@@ -111,16 +122,25 @@ fn import_then_images_inspect_tag_rmi_prune() {
     assert_eq!(image["history"][0]["created_by"], "rbuild import");
     // The diff id is the sha256 of the tarball as given.
     let tar_sha = tool("sha256sum", &[busybox_tar().to_str().unwrap()]);
-    assert_eq!(image["rootfs"]["diff_ids"][0], format!("sha256:{}", &tar_sha[..64]));
+    assert_eq!(
+        image["rootfs"]["diff_ids"][0],
+        format!("sha256:{}", &tar_sha[..64])
+    );
     // By id too.
     let id = image["id"].as_str().unwrap()[7..19].to_string();
     assert_eq!(inspect(&root, &id)["digest"], digest.as_str());
 
-    succeeds(rbuild(&root, &["tag", "busybox", "localhost:5000/tools/bb:v1"]));
+    succeeds(rbuild(
+        &root,
+        &["tag", "busybox", "localhost:5000/tools/bb:v1"],
+    ));
     let images = succeeds(rbuild(&root, &["images", "--format", "json"]));
     let images: serde_json::Value = serde_json::from_str(&images).unwrap();
     assert_eq!(images.as_array().unwrap().len(), 2);
-    assert_eq!(inspect(&root, "localhost:5000/tools/bb:v1")["digest"], digest.as_str());
+    assert_eq!(
+        inspect(&root, "localhost:5000/tools/bb:v1")["digest"],
+        digest.as_str()
+    );
 
     // An id naming two tags needs --force; a name removes just that name.
     let refused = rbuild(&root, &["rmi", &id]);
@@ -128,7 +148,11 @@ fn import_then_images_inspect_tag_rmi_prune() {
     succeeds(rbuild(&root, &["rmi", "busybox"]));
     let missing = rbuild(&root, &["inspect", "busybox"]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(text(&missing.stderr).contains("no such image: busybox"), "{}", text(&missing.stderr));
+    assert!(
+        text(&missing.stderr).contains("no such image: busybox"),
+        "{}",
+        text(&missing.stderr)
+    );
 
     // Still referenced by the other tag: prune keeps everything.
     let before = succeeds(rbuild(&root, &["du", "--format", "json"]));
@@ -141,7 +165,12 @@ fn import_then_images_inspect_tag_rmi_prune() {
     let after = succeeds(rbuild(&root, &["du", "--format", "json"]));
     let after: serde_json::Value = serde_json::from_str(&after).unwrap();
     let blobs = |usage: &serde_json::Value| {
-        usage["parts"].as_array().unwrap().iter().find(|part| part["part"] == "blobs").unwrap()["apparent_bytes"]
+        usage["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|part| part["part"] == "blobs")
+            .unwrap()["apparent_bytes"]
             .as_u64()
             .unwrap()
     };
@@ -155,11 +184,18 @@ fn import_then_images_inspect_tag_rmi_prune() {
 fn bad_names_are_usage_errors() {
     let directory = TempDirectory::new("names");
     let root = directory.join("root");
-    let output = rbuild(&root, &["import", busybox_tar().to_str().unwrap(), "Not/Valid"]);
+    let output = rbuild(
+        &root,
+        &["import", busybox_tar().to_str().unwrap(), "Not/Valid"],
+    );
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
     let output = rbuild(&root, &["import", "/nonexistent.tar", "x"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("/nonexistent.tar"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("/nonexistent.tar"),
+        "{}",
+        text(&output.stderr)
+    );
 }
 
 #[test]
@@ -168,9 +204,15 @@ fn save_is_read_by_skopeo_and_umoci_and_runs_in_runc() {
     let root = directory.join("root");
     let digest = import_busybox(&root, "busybox:1.0");
     let archive = directory.join("busybox.tar");
-    succeeds(rbuild(&root, &["save", "-o", archive.to_str().unwrap(), "busybox:1.0"]));
+    succeeds(rbuild(
+        &root,
+        &["save", "-o", archive.to_str().unwrap(), "busybox:1.0"],
+    ));
 
-    let skopeo = tool("skopeo", &["inspect", &format!("oci-archive:{}", archive.display())]);
+    let skopeo = tool(
+        "skopeo",
+        &["inspect", &format!("oci-archive:{}", archive.display())],
+    );
     let skopeo: serde_json::Value = serde_json::from_str(&skopeo).unwrap();
     assert_eq!(skopeo["Digest"], digest.as_str());
     assert_eq!(skopeo["Layers"].as_array().unwrap().len(), 1);
@@ -179,11 +221,22 @@ fn save_is_read_by_skopeo_and_umoci_and_runs_in_runc() {
     // The archive also carries docker-archive's manifest.json.
     let listing = tool("tar", &["-tf", archive.to_str().unwrap()]);
     for name in ["index.json", "manifest.json", "oci-layout"] {
-        assert!(listing.lines().any(|line| line == name), "{name} missing: {listing}");
+        assert!(
+            listing.lines().any(|line| line == name),
+            "{name} missing: {listing}"
+        );
     }
     let layout = directory.join("layout");
     fs::create_dir_all(&layout).unwrap();
-    tool("tar", &["-xf", archive.to_str().unwrap(), "-C", layout.to_str().unwrap()]);
+    tool(
+        "tar",
+        &[
+            "-xf",
+            archive.to_str().unwrap(),
+            "-C",
+            layout.to_str().unwrap(),
+        ],
+    );
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(layout.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest[0]["RepoTags"][0], "busybox:1.0");
@@ -191,7 +244,12 @@ fn save_is_read_by_skopeo_and_umoci_and_runs_in_runc() {
     let bundle = directory.join("bundle");
     tool(
         "umoci",
-        &["unpack", "--image", &format!("{}:1.0", layout.display()), bundle.to_str().unwrap()],
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:1.0", layout.display()),
+            bundle.to_str().unwrap(),
+        ],
     );
     let config_path = bundle.join("config.json");
     let mut config: serde_json::Value =
@@ -205,8 +263,15 @@ fn save_is_read_by_skopeo_and_umoci_and_runs_in_runc() {
         .stdin(Stdio::null())
         .output()
         .expect("runc must be installed (CI installs it with apt-get)");
-    let _ = Command::new("runc").args(["delete", "--force", &container]).output();
-    assert_eq!(text(&output.stdout), "ok\n", "runc: {}", text(&output.stderr));
+    let _ = Command::new("runc")
+        .args(["delete", "--force", &container])
+        .output();
+    assert_eq!(
+        text(&output.stdout),
+        "ok\n",
+        "runc: {}",
+        text(&output.stderr)
+    );
     assert!(output.status.success());
 }
 
@@ -217,7 +282,10 @@ fn load_reads_what_skopeo_writes_and_round_trips_save() {
     import_busybox(&root, "busybox");
     let original = inspect(&root, "busybox");
     let saved = directory.join("saved.tar");
-    succeeds(rbuild(&root, &["save", "-o", saved.to_str().unwrap(), "busybox"]));
+    succeeds(rbuild(
+        &root,
+        &["save", "-o", saved.to_str().unwrap(), "busybox"],
+    ));
 
     // skopeo writes a docker-archive (uncompressed layers, Docker config) from our OCI archive.
     let docker_archive = directory.join("docker.tar");
@@ -226,11 +294,17 @@ fn load_reads_what_skopeo_writes_and_round_trips_save() {
         &[
             "copy",
             &format!("oci-archive:{}", saved.display()),
-            &format!("docker-archive:{}:example.com/copied/busybox:v2", docker_archive.display()),
+            &format!(
+                "docker-archive:{}:example.com/copied/busybox:v2",
+                docker_archive.display()
+            ),
         ],
     );
     let fresh = directory.join("fresh");
-    let loaded = succeeds(rbuild(&fresh, &["load", "-i", docker_archive.to_str().unwrap()]));
+    let loaded = succeeds(rbuild(
+        &fresh,
+        &["load", "-i", docker_archive.to_str().unwrap()],
+    ));
     assert_eq!(loaded.trim(), "Loaded image: example.com/copied/busybox:v2");
     let copied = inspect(&fresh, "example.com/copied/busybox:v2");
     assert_eq!(copied["rootfs"]["diff_ids"], original["rootfs"]["diff_ids"]);
@@ -250,11 +324,17 @@ fn load_reads_what_skopeo_writes_and_round_trips_save() {
         &[
             "copy",
             &format!("docker-archive:{}", docker_archive.display()),
-            &format!("oci-archive:{}:localhost/oci/busybox:v3", oci_archive.display()),
+            &format!(
+                "oci-archive:{}:localhost/oci/busybox:v3",
+                oci_archive.display()
+            ),
         ],
     );
     let third = directory.join("third");
-    let loaded = succeeds(rbuild(&third, &["load", "-i", oci_archive.to_str().unwrap()]));
+    let loaded = succeeds(rbuild(
+        &third,
+        &["load", "-i", oci_archive.to_str().unwrap()],
+    ));
     assert_eq!(loaded.trim(), "Loaded image: localhost/oci/busybox:v3");
     assert_eq!(
         inspect(&third, "localhost/oci/busybox:v3")["rootfs"],
@@ -279,7 +359,8 @@ fn write_tar(path: &Path, files: &[(&str, &[u8])]) {
 fn load_rejects_an_archive_whose_blob_lies_about_its_digest() {
     let directory = TempDirectory::new("lying");
     let root = directory.join("root");
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let config_digest = sha256_hex(config);
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{}}},"layers":[]}}"#,
@@ -292,13 +373,17 @@ fn load_rejects_an_archive_whose_blob_lies_about_its_digest() {
     );
     let archive = directory.join("lying.tar");
     // The config blob's bytes are not what its name says.
-    let forged = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"x":1}"#;
+    let forged =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"x":1}"#;
     write_tar(
         &archive,
         &[
             ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#),
             ("index.json", index.as_bytes()),
-            (&format!("blobs/sha256/{manifest_digest}"), manifest.as_bytes()),
+            (
+                &format!("blobs/sha256/{manifest_digest}"),
+                manifest.as_bytes(),
+            ),
             (&format!("blobs/sha256/{config_digest}"), forged),
         ],
     );
@@ -327,7 +412,11 @@ fn load_rejects_an_archive_whose_blob_lies_about_its_digest() {
     builder.into_inner().unwrap().flush().unwrap();
     let output = rbuild(&root, &["load", "-i", climbing.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("not an image archive"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("not an image archive"),
+        "{}",
+        text(&output.stderr)
+    );
     assert!(!Path::new("/tmp/rbuild-escaped").exists());
 }
 
@@ -353,7 +442,9 @@ fn large_tar(path: &Path, megabytes: usize) {
     header.set_size(size as u64);
     header.set_mode(0o644);
     header.set_entry_type(tar::EntryType::Regular);
-    builder.append_data(&mut header, "big.bin", content.as_slice()).unwrap();
+    builder
+        .append_data(&mut header, "big.bin", content.as_slice())
+        .unwrap();
     builder.into_inner().unwrap().flush().unwrap();
 }
 
@@ -381,24 +472,41 @@ fn sigkill_in_the_middle_of_a_large_layer_leaves_the_store_whole() {
             panic!("import finished ({status}) before it could be killed; make the tarball bigger");
         }
         written = fs::read_dir(&ingest)
-            .map(|entries| entries.flatten().filter_map(|entry| entry.metadata().ok()).map(|m| m.len()).max().unwrap_or(0))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
             .unwrap_or(0);
         std::thread::yield_now();
     }
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert!(!status.success());
-    assert!(fs::read_dir(&ingest).unwrap().count() > 0, "the killed write left its temp file");
+    assert!(
+        fs::read_dir(&ingest).unwrap().count() > 0,
+        "the killed write left its temp file"
+    );
 
     // The store still verifies, the killed import named nothing, and the next commands work.
     let verified = succeeds(rbuild(&root, &["verify"]));
-    assert!(verified.contains("0 corrupt, 0 broken images"), "{verified}");
+    assert!(
+        verified.contains("0 corrupt, 0 broken images"),
+        "{verified}"
+    );
     let missing = rbuild(&root, &["inspect", "big"]);
     assert_eq!(missing.status.code(), Some(1));
     succeeds(rbuild(&root, &["inspect", "busybox"]));
     import_busybox(&root, "busybox:again");
     succeeds(rbuild(&root, &["prune"]));
-    assert_eq!(fs::read_dir(&ingest).unwrap().count(), 0, "prune removes the stale temp file");
+    assert_eq!(
+        fs::read_dir(&ingest).unwrap().count(),
+        0,
+        "prune removes the stale temp file"
+    );
     succeeds(rbuild(&root, &["verify"]));
     succeeds(rbuild(&root, &["inspect", "busybox:again"]));
 }
@@ -422,14 +530,21 @@ fn two_processes_share_one_root() {
         .collect();
     let digests: Vec<String> = children
         .into_iter()
-        .map(|child| succeeds(child.wait_with_output().unwrap()).trim().to_string())
+        .map(|child| {
+            succeeds(child.wait_with_output().unwrap())
+                .trim()
+                .to_string()
+        })
         .collect();
     // Same content, same layer; configs differ only if created differs.
     let listing = succeeds(rbuild(&root, &["images", "--format", "json"]));
     let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(listing.as_array().unwrap().len(), 4);
     for (index, digest) in digests.iter().enumerate() {
-        assert_eq!(inspect(&root, &format!("busybox:{index}"))["digest"], digest.as_str());
+        assert_eq!(
+            inspect(&root, &format!("busybox:{index}"))["digest"],
+            digest.as_str()
+        );
     }
     succeeds(rbuild(&root, &["verify"]));
 }
@@ -453,4 +568,46 @@ fn import_is_reproducible_with_source_date_epoch() {
     assert_eq!(digests[0], digests[1]);
     let image = inspect(&directory.join("a"), "busybox");
     assert_eq!(image["created"], "2023-11-14T22:13:20Z");
+}
+
+#[test]
+fn prune_waits_for_a_running_import_and_keeps_its_image() {
+    let directory = TempDirectory::new("prune-race");
+    let root = directory.join("root");
+    import_busybox(&root, "busybox");
+    let big = directory.join("big.tar");
+    large_tar(&big, 64);
+    let import = Command::new(env!("CARGO_BIN_EXE_rbuild"))
+        .arg("--root")
+        .arg(&root)
+        .args(["import", big.to_str().unwrap(), "big"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the import is writing its layer, a prune must not delete the unreferenced blob
+    // being born: it waits for the import's shared lock to go.
+    let ingest = root.join("v1/ingest");
+    while fs::read_dir(&ingest)
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+        == 0
+    {
+        std::thread::yield_now();
+    }
+    let pruned = rbuild(&root, &["prune"]);
+    let imported = import.wait_with_output().unwrap();
+    succeeds(imported);
+    let pruned_stdout = succeeds(pruned);
+    assert!(
+        pruned_stdout.contains("Total reclaimed space"),
+        "{pruned_stdout}"
+    );
+    let image = inspect(&root, "big");
+    assert_eq!(image["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
+    let verified = succeeds(rbuild(&root, &["verify"]));
+    assert!(
+        verified.contains("0 corrupt, 0 broken images"),
+        "{verified}"
+    );
 }

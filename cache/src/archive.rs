@@ -24,8 +24,8 @@ use crate::digest::Digest;
 use crate::layer::{self, LayerError};
 use crate::reference::Reference;
 use crate::store::{
-    self, Image, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, OCI_CONFIG, OCI_INDEX, Store,
-    StoreError, Target,
+    self, Image, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, OCI_CONFIG, OCI_INDEX, Store, StoreError,
+    Target,
 };
 
 /// The annotation containerd and Docker use for an image's full name.
@@ -57,7 +57,9 @@ pub enum ArchiveError {
         source: io::Error,
     },
     /// Neither `index.json` nor `manifest.json` is in the archive.
-    #[error("not an image archive: it has neither index.json (OCI layout) nor manifest.json (docker-archive)")]
+    #[error(
+        "not an image archive: it has neither index.json (OCI layout) nor manifest.json (docker-archive)"
+    )]
     UnknownFormat,
     /// A JSON document of the archive is not valid.
     #[error("{file} in the archive is not valid")]
@@ -207,9 +209,13 @@ pub fn save(store: &Store, items: &[SaveItem], out: impl Write) -> Result<(), Ar
         append(path, bytes.len() as u64, &mut bytes.as_slice(), false)
     };
     json("index.json", &index).map_err(archive_io("write"))?;
-    json("manifest.json", &serde_json::Value::Array(docker_manifest)).map_err(archive_io("write"))?;
-    json("oci-layout", &serde_json::json!({"imageLayoutVersion": "1.0.0"}))
+    json("manifest.json", &serde_json::Value::Array(docker_manifest))
         .map_err(archive_io("write"))?;
+    json(
+        "oci-layout",
+        &serde_json::json!({"imageLayoutVersion": "1.0.0"}),
+    )
+    .map_err(archive_io("write"))?;
     append("blobs/", 0, &mut io::empty(), true).map_err(archive_io("write"))?;
     append("blobs/sha256/", 0, &mut io::empty(), true).map_err(archive_io("write"))?;
     for (digest, size) in &blobs {
@@ -225,12 +231,22 @@ pub fn save(store: &Store, items: &[SaveItem], out: impl Write) -> Result<(), Ar
         }
         if let Err(source) = append(&blob_name(digest), *size, &mut reader, false) {
             if let Some(actual) = reader.mismatch() {
-                return Err(ContentError::Corrupt { digest: digest.clone(), actual: actual.clone() }.into());
+                return Err(ContentError::Corrupt {
+                    digest: digest.clone(),
+                    actual: actual.clone(),
+                }
+                .into());
             }
-            return Err(ArchiveError::Io { action: "write", source });
+            return Err(ArchiveError::Io {
+                action: "write",
+                source,
+            });
         }
     }
-    builder.into_inner().and_then(|mut out| out.flush()).map_err(archive_io("write"))?;
+    builder
+        .into_inner()
+        .and_then(|mut out| out.flush())
+        .map_err(archive_io("write"))?;
     Ok(())
 }
 
@@ -272,7 +288,9 @@ impl ArchiveFiles {
                 }
             }
         }
-        Err(ArchiveError::BadLink { file: name.to_string() })
+        Err(ArchiveError::BadLink {
+            file: name.to_string(),
+        })
     }
 }
 
@@ -300,7 +318,9 @@ pub fn load(store: &Store, reader: impl Read) -> Result<Vec<Loaded>, ArchiveErro
         let path = normalize(&entry.path().map_err(archive_io("read"))?);
         let kind = entry.header().entry_type();
         if kind.is_symlink() || kind.is_hard_link() {
-            let Some(target) = entry.link_name().map_err(archive_io("read"))? else { continue };
+            let Some(target) = entry.link_name().map_err(archive_io("read"))? else {
+                continue;
+            };
             let target = if kind.is_symlink() {
                 normalize(&path.parent().unwrap_or(Path::new("")).join(target))
             } else {
@@ -359,10 +379,15 @@ fn docker_manifest(files: &ArchiveFiles) -> Result<Vec<DockerManifestEntry>, Arc
 fn docker_names(files: &ArchiveFiles) -> Result<HashMap<Digest, Vec<Reference>>, ArchiveError> {
     let mut names: HashMap<Digest, Vec<Reference>> = HashMap::new();
     for entry in docker_manifest(files)? {
-        let Ok(config) = files.resolve(&entry.config) else { continue };
+        let Ok(config) = files.resolve(&entry.config) else {
+            continue;
+        };
         for tag in entry.repo_tags.unwrap_or_default() {
             if let Ok(reference) = Reference::parse(&tag) {
-                names.entry(config.digest.clone()).or_default().push(reference);
+                names
+                    .entry(config.digest.clone())
+                    .or_default()
+                    .push(reference);
             }
         }
     }
@@ -374,8 +399,11 @@ fn load_oci(
     index: &[u8],
     docker_names: &HashMap<Digest, Vec<Reference>>,
 ) -> Result<Vec<Loaded>, ArchiveError> {
-    let index: serde_json::Value = serde_json::from_slice(index)
-        .map_err(|source| ArchiveError::BadDocument { file: "index.json".to_string(), source })?;
+    let index: serde_json::Value =
+        serde_json::from_slice(index).map_err(|source| ArchiveError::BadDocument {
+            file: "index.json".to_string(),
+            source,
+        })?;
     let descriptors = index["manifests"].as_array().cloned().unwrap_or_default();
     let mut loaded = Vec::new();
     for descriptor in descriptors {
@@ -409,25 +437,36 @@ fn record(
 ) -> Result<(), ArchiveError> {
     if names.is_empty() {
         store.add_dangling(target)?;
-        loaded.push(Loaded { reference: None, target: target.clone() });
+        loaded.push(Loaded {
+            reference: None,
+            target: target.clone(),
+        });
     }
     for reference in names {
         store.set_tag(&reference, target)?;
-        loaded.push(Loaded { reference: Some(reference), target: target.clone() });
+        loaded.push(Loaded {
+            reference: Some(reference),
+            target: target.clone(),
+        });
     }
     Ok(())
 }
 
 fn descriptor_target(descriptor: &serde_json::Value, by: &str) -> Result<Target, ArchiveError> {
-    serde_json::from_value(descriptor.clone())
-        .map_err(|source| ArchiveError::BadDocument { file: by.to_string(), source })
+    serde_json::from_value(descriptor.clone()).map_err(|source| ArchiveError::BadDocument {
+        file: by.to_string(),
+        source,
+    })
 }
 
 fn check_blob(store: &Store, target: &Target, by: &str) -> Result<(), ArchiveError> {
-    let actual = store.content().size(&target.digest).map_err(|_| ArchiveError::MissingBlob {
-        digest: target.digest.to_string(),
-        by: by.to_string(),
-    })?;
+    let actual = store
+        .content()
+        .size(&target.digest)
+        .map_err(|_| ArchiveError::MissingBlob {
+            digest: target.digest.to_string(),
+            by: by.to_string(),
+        })?;
     if actual != target.size {
         return Err(ArchiveError::SizeMismatch {
             digest: target.digest.clone(),
@@ -445,10 +484,14 @@ fn select_manifest(store: &Store, target: &Target, by: &str) -> Result<Target, A
     if !store::is_index(&target.media_type) {
         return Ok(target.clone());
     }
-    let bytes = store.content().read_bytes(&target.digest, MAX_MANIFEST_SIZE)?;
-    let index: serde_json::Value = serde_json::from_slice(&bytes).map_err(|source| {
-        ArchiveError::BadDocument { file: target.digest.to_string(), source }
-    })?;
+    let bytes = store
+        .content()
+        .read_bytes(&target.digest, MAX_MANIFEST_SIZE)?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|source| ArchiveError::BadDocument {
+            file: target.digest.to_string(),
+            source,
+        })?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let architecture = host_architecture();
     let chosen = manifests
@@ -457,7 +500,11 @@ fn select_manifest(store: &Store, target: &Target, by: &str) -> Result<Target, A
             descriptor["platform"]["os"] == "linux"
                 && descriptor["platform"]["architecture"] == architecture.to_string()
         })
-        .or_else(|| manifests.iter().find(|descriptor| descriptor["platform"].is_null()))
+        .or_else(|| {
+            manifests
+                .iter()
+                .find(|descriptor| descriptor["platform"].is_null())
+        })
         .ok_or_else(|| ArchiveError::NoPlatform {
             digest: target.digest.clone(),
             platform: format!("linux/{architecture}"),
@@ -470,9 +517,10 @@ fn select_manifest(store: &Store, target: &Target, by: &str) -> Result<Target, A
 fn check_image(store: &Store, target: &Target) -> Result<Image, ArchiveError> {
     let by = format!("manifest {}", target.digest);
     let image = store.image(target).map_err(|error| match error {
-        StoreError::Content(ContentError::NotFound { digest }) => {
-            ArchiveError::MissingBlob { digest: digest.to_string(), by: by.clone() }
-        }
+        StoreError::Content(ContentError::NotFound { digest }) => ArchiveError::MissingBlob {
+            digest: digest.to_string(),
+            by: by.clone(),
+        },
         other => other.into(),
     })?;
     check_blob(store, &image.config_target, &by)?;
@@ -486,12 +534,21 @@ fn load_docker(store: &Store, files: &ArchiveFiles) -> Result<Vec<Loaded>, Archi
     let mut loaded = Vec::new();
     for entry in docker_manifest(files)? {
         let config_info = files.resolve(&entry.config)?;
-        let config_bytes = store.content().read_bytes(&config_info.digest, MAX_CONFIG_SIZE)?;
-        let config: serde_json::Value = serde_json::from_slice(&config_bytes)
-            .map_err(|source| ArchiveError::BadDocument { file: entry.config.clone(), source })?;
+        let config_bytes = store
+            .content()
+            .read_bytes(&config_info.digest, MAX_CONFIG_SIZE)?;
+        let config: serde_json::Value =
+            serde_json::from_slice(&config_bytes).map_err(|source| ArchiveError::BadDocument {
+                file: entry.config.clone(),
+                source,
+            })?;
         let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
             .as_array()
-            .map(|ids| ids.iter().filter_map(|id| id.as_str().map(str::to_string)).collect())
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         if diff_ids.len() != entry.layers.len() {
             return Err(ArchiveError::LayerCount {
@@ -528,8 +585,12 @@ fn load_docker(store: &Store, files: &ArchiveFiles) -> Result<Vec<Loaded>, Archi
             size: config_info.size,
         };
         let manifest = store.write_manifest(&config_target, &layers)?;
-        let names =
-            entry.repo_tags.unwrap_or_default().iter().filter_map(|tag| Reference::parse(tag).ok()).collect();
+        let names = entry
+            .repo_tags
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|tag| Reference::parse(tag).ok())
+            .collect();
         record(store, &manifest, names, &mut loaded)?;
     }
     Ok(loaded)
@@ -540,7 +601,9 @@ fn detect_blob(store: &Store, digest: &Digest) -> Result<Compression, ArchiveErr
     let mut reader = store.content().open_blob(digest)?;
     let mut filled = 0;
     while filled < prefix.len() {
-        let read = reader.read(&mut prefix[filled..]).map_err(archive_io("read"))?;
+        let read = reader
+            .read(&mut prefix[filled..])
+            .map_err(archive_io("read"))?;
         if read == 0 {
             break;
         }
@@ -595,7 +658,11 @@ fn import_config(diff_id: &Digest, options: &ImportOptions) -> ImageConfiguratio
         .created(options.created.clone())
         .architecture(host_architecture())
         .os(Os::Linux)
-        .config(ConfigBuilder::default().build().expect("an empty config builds"))
+        .config(
+            ConfigBuilder::default()
+                .build()
+                .expect("an empty config builds"),
+        )
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")

@@ -38,7 +38,9 @@ impl CacheIndex {
     /// Opens (creating) the index in `directory`.
     pub fn open(directory: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(directory).map_err(StoreError::io("create", directory))?;
-        Ok(Self { directory: directory.to_path_buf() })
+        Ok(Self {
+            directory: directory.to_path_buf(),
+        })
     }
 
     /// The directory holding the records.
@@ -59,20 +61,28 @@ impl CacheIndex {
         match fs::read(&path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { action: "read", path, source }),
+            Err(source) => Err(StoreError::Io {
+                action: "read",
+                path,
+                source,
+            }),
         }
     }
 
     /// Every readable record.
     pub fn records(&self) -> Result<Vec<CacheRecord>, StoreError> {
         let mut records = Vec::new();
-        for entry in fs::read_dir(&self.directory).map_err(StoreError::io("list", &self.directory))? {
+        for entry in
+            fs::read_dir(&self.directory).map_err(StoreError::io("list", &self.directory))?
+        {
             let entry = entry.map_err(StoreError::io("list", &self.directory))?;
             let name = entry.file_name();
             let Some(hex) = name.to_str().and_then(|name| name.strip_suffix(".json")) else {
                 continue;
             };
-            let Ok(key) = format!("sha256:{hex}").parse() else { continue };
+            let Ok(key) = format!("sha256:{hex}").parse() else {
+                continue;
+            };
             if let Some(record) = self.get(&key)? {
                 records.push(record);
             }
@@ -84,10 +94,14 @@ impl CacheIndex {
     /// Deletes every record (and leftovers of interrupted writes); returns how many there were.
     pub fn clear(&self) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for entry in fs::read_dir(&self.directory).map_err(StoreError::io("list", &self.directory))? {
+        for entry in
+            fs::read_dir(&self.directory).map_err(StoreError::io("list", &self.directory))?
+        {
             let entry = entry.map_err(StoreError::io("list", &self.directory))?;
             let path = entry.path();
-            if fs::remove_file(&path).is_ok() && !entry.file_name().to_string_lossy().starts_with('.') {
+            if fs::remove_file(&path).is_ok()
+                && !entry.file_name().to_string_lossy().starts_with('.')
+            {
                 removed += 1;
             }
         }

@@ -78,7 +78,11 @@ pub enum ContentError {
 impl ContentError {
     fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self + use<> {
         let path = path.to_path_buf();
-        move |source| Self::Io { action, path, source }
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
     }
 }
 
@@ -135,17 +139,23 @@ impl ContentStore {
         let path = self.blob_path(digest);
         match fs::metadata(&path) {
             Ok(metadata) => Ok(metadata.len()),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                Err(ContentError::NotFound { digest: digest.clone() })
-            }
-            Err(source) => Err(ContentError::Io { action: "stat", path, source }),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Err(ContentError::NotFound {
+                digest: digest.clone(),
+            }),
+            Err(source) => Err(ContentError::Io {
+                action: "stat",
+                path,
+                source,
+            }),
         }
     }
 
     /// Starts writing a new blob.
     pub fn writer(&self) -> Result<BlobWriter, ContentError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |time| time.as_nanos());
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |time| time.as_nanos());
         let name = format!(
             "{}-{}-{}.partial",
             std::process::id(),
@@ -172,10 +182,15 @@ impl ContentStore {
     pub fn write_bytes(&self, bytes: &[u8]) -> Result<BlobInfo, ContentError> {
         let digest = Digest::of(bytes);
         if self.verify(&digest).is_ok() {
-            return Ok(BlobInfo { digest, size: bytes.len() as u64 });
+            return Ok(BlobInfo {
+                digest,
+                size: bytes.len() as u64,
+            });
         }
         let mut writer = self.writer()?;
-        writer.write_all(bytes).map_err(ContentError::io("write", &writer.temp_path))?;
+        writer
+            .write_all(bytes)
+            .map_err(ContentError::io("write", &writer.temp_path))?;
         writer.commit(Some(&digest), Some(bytes.len() as u64))
     }
 
@@ -196,12 +211,21 @@ impl ContentStore {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
-                ContentError::NotFound { digest: digest.clone() }
+                ContentError::NotFound {
+                    digest: digest.clone(),
+                }
             } else {
-                ContentError::Io { action: "open", path: path.clone(), source }
+                ContentError::Io {
+                    action: "open",
+                    path: path.clone(),
+                    source,
+                }
             }
         })?;
-        let size = file.metadata().map_err(ContentError::io("stat", &path))?.len();
+        let size = file
+            .metadata()
+            .map_err(ContentError::io("stat", &path))?
+            .len();
         Ok(VerifyingReader::new(file, digest.clone(), Some(size)))
     }
 
@@ -209,13 +233,20 @@ impl ContentStore {
     pub fn read_bytes(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, ContentError> {
         let size = self.size(digest)?;
         if size > limit {
-            return Err(ContentError::TooLarge { digest: digest.clone(), size, limit });
+            return Err(ContentError::TooLarge {
+                digest: digest.clone(),
+                size,
+                limit,
+            });
         }
         let path = self.blob_path(digest);
         let bytes = fs::read(&path).map_err(ContentError::io("read", &path))?;
         let actual = Digest::of(&bytes);
         if actual != *digest {
-            return Err(ContentError::Corrupt { digest: digest.clone(), actual });
+            return Err(ContentError::Corrupt {
+                digest: digest.clone(),
+                actual,
+            });
         }
         Ok(bytes)
     }
@@ -229,9 +260,11 @@ impl ContentStore {
                 digest: digest.clone(),
                 actual: reader.mismatch().cloned().expect("checked above"),
             }),
-            Err(source) => {
-                Err(ContentError::Io { action: "read", path: self.blob_path(digest), source })
-            }
+            Err(source) => Err(ContentError::Io {
+                action: "read",
+                path: self.blob_path(digest),
+                source,
+            }),
         }
     }
 
@@ -242,12 +275,17 @@ impl ContentStore {
         let entries = fs::read_dir(&self.blobs).map_err(ContentError::io("list", &self.blobs))?;
         for entry in entries {
             let entry = entry.map_err(ContentError::io("list", &self.blobs))?;
-            let Some(digest) =
-                entry.file_name().to_str().and_then(|hex| format!("sha256:{hex}").parse().ok())
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|hex| format!("sha256:{hex}").parse().ok())
             else {
                 continue;
             };
-            let size = entry.metadata().map_err(ContentError::io("stat", &entry.path()))?.len();
+            let size = entry
+                .metadata()
+                .map_err(ContentError::io("stat", &entry.path()))?
+                .len();
             blobs.push(BlobInfo { digest, size });
         }
         blobs.sort_by(|left, right| left.digest.cmp(&right.digest));
@@ -260,7 +298,11 @@ impl ContentStore {
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ContentError::Io { action: "remove", path, source }),
+            Err(source) => Err(ContentError::Io {
+                action: "remove",
+                path,
+                source,
+            }),
         }
     }
 
@@ -272,7 +314,9 @@ impl ContentStore {
         for entry in entries {
             let entry = entry.map_err(ContentError::io("list", &self.ingest))?;
             let path = entry.path();
-            let Ok(file) = OpenOptions::new().write(true).open(&path) else { continue };
+            let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+                continue;
+            };
             if file.try_lock().is_err() {
                 continue;
             }
@@ -316,7 +360,10 @@ impl BlobWriter {
         if let Some(expected) = expected
             && *expected != digest
         {
-            return Err(ContentError::DigestMismatch { expected: expected.clone(), actual: digest });
+            return Err(ContentError::DigestMismatch {
+                expected: expected.clone(),
+                actual: digest,
+            });
         }
         if let Some(expected_size) = expected_size
             && expected_size != self.size
@@ -328,18 +375,20 @@ impl BlobWriter {
             });
         }
         let file = self.file.take().expect("a writer is committed once");
-        let file = file
-            .into_inner()
-            .map_err(|error| ContentError::Io {
-                action: "write",
-                path: self.temp_path.clone(),
-                source: error.into_error(),
-            })?;
-        file.sync_all().map_err(ContentError::io("fsync", &self.temp_path))?;
+        let file = file.into_inner().map_err(|error| ContentError::Io {
+            action: "write",
+            path: self.temp_path.clone(),
+            source: error.into_error(),
+        })?;
+        file.sync_all()
+            .map_err(ContentError::io("fsync", &self.temp_path))?;
         let target = self.blobs.join(digest.hex());
         fs::rename(&self.temp_path, &target).map_err(ContentError::io("rename", &target))?;
         sync_directory(&self.blobs)?;
-        Ok(BlobInfo { digest, size: self.size })
+        Ok(BlobInfo {
+            digest,
+            size: self.size,
+        })
     }
 }
 
@@ -377,7 +426,10 @@ pub fn sync_directory(path: &Path) -> Result<(), ContentError> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ContentError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let parent = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|name| name.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy())
+        .unwrap_or_default();
     let temp = parent.join(format!(
         ".{name}.{}-{}.tmp",
         std::process::id(),
@@ -385,7 +437,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ContentError> {
     ));
     let result = (|| {
         let mut file = File::create(&temp).map_err(ContentError::io("create", &temp))?;
-        file.write_all(bytes).map_err(ContentError::io("write", &temp))?;
+        file.write_all(bytes)
+            .map_err(ContentError::io("write", &temp))?;
         file.sync_all().map_err(ContentError::io("fsync", &temp))?;
         fs::rename(&temp, path).map_err(ContentError::io("rename", path))?;
         sync_directory(parent)
@@ -410,7 +463,14 @@ pub struct VerifyingReader<R> {
 impl<R: Read> VerifyingReader<R> {
     /// Wraps `inner`, which must produce content hashing to `expected`.
     pub fn new(inner: R, expected: Digest, expected_size: Option<u64>) -> Self {
-        Self { inner, hasher: Sha256::new(), expected, expected_size, size: 0, mismatch: None }
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            expected,
+            expected_size,
+            size: 0,
+            mismatch: None,
+        }
     }
 
     /// After a failed read at the end: the digest the content really had.
@@ -468,7 +528,10 @@ mod tests {
         let (_directory, store) = store();
         let info = store.write_bytes(b"layer bytes").unwrap();
         assert_eq!(info.digest, Digest::of(b"layer bytes"));
-        assert_eq!(store.read_bytes(&info.digest, 1024).unwrap(), b"layer bytes");
+        assert_eq!(
+            store.read_bytes(&info.digest, 1024).unwrap(),
+            b"layer bytes"
+        );
         assert_eq!(store.verify(&info.digest).unwrap(), 11);
         assert_eq!(store.list().unwrap(), vec![info]);
         assert_eq!(fs::read_dir(store.ingest_directory()).unwrap().count(), 0);
@@ -478,13 +541,23 @@ mod tests {
     fn rejects_content_that_does_not_match_the_expected_digest() {
         let (_directory, store) = store();
         let claimed = Digest::of(b"what the manifest says");
-        let error = store.write_from(&mut &b"what arrived"[..], Some(&claimed), None).unwrap_err();
-        assert!(matches!(error, ContentError::DigestMismatch { .. }), "{error}");
+        let error = store
+            .write_from(&mut &b"what arrived"[..], Some(&claimed), None)
+            .unwrap_err();
+        assert!(
+            matches!(error, ContentError::DigestMismatch { .. }),
+            "{error}"
+        );
         assert!(!store.contains(&claimed));
         assert!(store.list().unwrap().is_empty());
         assert_eq!(fs::read_dir(store.ingest_directory()).unwrap().count(), 0);
-        let error = store.write_from(&mut &b"12345"[..], None, Some(4)).unwrap_err();
-        assert!(matches!(error, ContentError::SizeMismatch { .. }), "{error}");
+        let error = store
+            .write_from(&mut &b"12345"[..], None, Some(4))
+            .unwrap_err();
+        assert!(
+            matches!(error, ContentError::SizeMismatch { .. }),
+            "{error}"
+        );
     }
 
     #[test]
@@ -492,10 +565,19 @@ mod tests {
         let (_directory, store) = store();
         let info = store.write_bytes(b"the real content").unwrap();
         fs::write(store.blob_path(&info.digest), b"the fake content").unwrap();
-        assert!(matches!(store.verify(&info.digest), Err(ContentError::Corrupt { .. })));
-        assert!(matches!(store.read_bytes(&info.digest, 100), Err(ContentError::Corrupt { .. })));
+        assert!(matches!(
+            store.verify(&info.digest),
+            Err(ContentError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.read_bytes(&info.digest, 100),
+            Err(ContentError::Corrupt { .. })
+        ));
         fs::write(store.blob_path(&info.digest), b"the real").unwrap();
-        assert!(matches!(store.verify(&info.digest), Err(ContentError::Corrupt { .. })));
+        assert!(matches!(
+            store.verify(&info.digest),
+            Err(ContentError::Corrupt { .. })
+        ));
         let mut reader = store.open_blob(&info.digest).unwrap();
         let error = io::copy(&mut reader, &mut io::sink()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
@@ -507,8 +589,11 @@ mod tests {
         let mut live = store.writer().unwrap();
         live.write_all(b"in flight").unwrap();
         live.flush().unwrap();
-        fs::write(store.ingest_directory().join("1-0-0.partial"), b"left by a killed process")
-            .unwrap();
+        fs::write(
+            store.ingest_directory().join("1-0-0.partial"),
+            b"left by a killed process",
+        )
+        .unwrap();
         assert_eq!(store.remove_stale_ingests().unwrap(), 24);
         assert!(live.temp_path().exists());
         let info = live.commit(None, None).unwrap();

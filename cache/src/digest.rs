@@ -31,7 +31,9 @@ impl Digest {
 
     /// The digest a finished hasher holds.
     pub fn from_hasher(hasher: Sha256) -> Self {
-        Self { hex: hex::encode(hasher.finalize()) }
+        Self {
+            hex: hex::encode(hasher.finalize()),
+        }
     }
 
     /// The 64 hex digits, without the algorithm.
@@ -55,12 +57,16 @@ impl FromStr for Digest {
     type Err = InvalidDigest;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let invalid = || InvalidDigest { text: text.to_string() };
+        let invalid = || InvalidDigest {
+            text: text.to_string(),
+        };
         let hex = text.strip_prefix("sha256:").ok_or_else(invalid)?;
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(invalid());
         }
-        Ok(Self { hex: hex.to_string() })
+        Ok(Self {
+            hex: hex.to_string(),
+        })
     }
 }
 
@@ -82,7 +88,9 @@ impl From<&oci_spec::image::Digest> for Digest {
     fn from(digest: &oci_spec::image::Digest) -> Self {
         // oci-spec accepts other algorithms; the store holds sha256 only, and a non-sha256
         // digest maps to a value no blob can have.
-        digest.to_string().parse().unwrap_or_else(|_| Self { hex: "0".repeat(64) })
+        digest.to_string().parse().unwrap_or_else(|_| Self {
+            hex: "0".repeat(64),
+        })
     }
 }
 
@@ -108,7 +116,11 @@ pub struct DigestWriter<W> {
 impl<W: Write> DigestWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        Self { inner, hasher: Sha256::new(), size: 0 }
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
     }
 
     /// Bytes written so far.

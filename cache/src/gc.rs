@@ -31,7 +31,10 @@ pub struct PruneReport {
 /// interrupted writes; with `all`, drops the build cache and snapshots first. Holds the
 /// root's exclusive lock, so it never races a build that is adding blobs.
 pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
-    let mut report = PruneReport { waited: store.lock_exclusive()?, ..PruneReport::default() };
+    let mut report = PruneReport {
+        waited: store.lock_exclusive()?,
+        ..PruneReport::default()
+    };
     if all {
         report.cache_records_removed = store.cache().clear()?;
         let snapshots = store.snapshots_directory();
@@ -66,7 +69,16 @@ pub fn reachable_blobs(store: &Store) -> Result<BTreeSet<Digest>, StoreError> {
         for blob in record.blobs {
             if let Ok(size) = store.content().size(&blob) {
                 let media_type = guess_media_type(store, &blob, size);
-                mark(store, &Target { media_type, digest: blob, size }, &mut reachable, 0);
+                mark(
+                    store,
+                    &Target {
+                        media_type,
+                        digest: blob,
+                        size,
+                    },
+                    &mut reachable,
+                    0,
+                );
             }
         }
     }
@@ -96,7 +108,9 @@ fn mark(store: &Store, target: &Target, reachable: &mut BTreeSet<Digest>, depth:
             for layer in image.layers().unwrap_or_default() {
                 reachable.insert(layer.digest);
             }
-        } else if let Ok(bytes) = store.content().read_bytes(&target.digest, MAX_MANIFEST_SIZE)
+        } else if let Ok(bytes) = store
+            .content()
+            .read_bytes(&target.digest, MAX_MANIFEST_SIZE)
             && let Ok(document) = serde_json::from_slice::<serde_json::Value>(&bytes)
         {
             let children = std::iter::once(&document["config"])
@@ -108,7 +122,9 @@ fn mark(store: &Store, target: &Target, reachable: &mut BTreeSet<Digest>, depth:
             }
         }
     } else if store::is_index(&target.media_type)
-        && let Ok(bytes) = store.content().read_bytes(&target.digest, MAX_MANIFEST_SIZE)
+        && let Ok(bytes) = store
+            .content()
+            .read_bytes(&target.digest, MAX_MANIFEST_SIZE)
         && let Ok(document) = serde_json::from_slice::<serde_json::Value>(&bytes)
     {
         for child in document["manifests"].as_array().into_iter().flatten() {
@@ -138,7 +154,15 @@ impl DiskUsage {
 pub fn disk_usage(store: &Store) -> DiskUsage {
     let directory = store.directory();
     let named = [
-        ("blobs", store.content().blobs_directory().parent().unwrap_or(directory).to_path_buf()),
+        (
+            "blobs",
+            store
+                .content()
+                .blobs_directory()
+                .parent()
+                .unwrap_or(directory)
+                .to_path_buf(),
+        ),
         ("ingest", store.content().ingest_directory().to_path_buf()),
         ("images", store.images_directory().to_path_buf()),
         ("cache index", store.cache().directory().to_path_buf()),
@@ -166,9 +190,18 @@ pub fn disk_usage(store: &Store) -> DiskUsage {
 fn tree_size(path: &Path) -> (u64, u64, u64) {
     let mut seen = std::collections::HashSet::new();
     let mut totals = (0, 0, 0);
-    for entry in walkdir::WalkDir::new(path).follow_links(false).into_iter().flatten() {
-        let Ok(metadata) = entry.metadata() else { continue };
-        if metadata.nlink() > 1 && !metadata.is_dir() && !seen.insert((metadata.dev(), metadata.ino())) {
+    for entry in walkdir::WalkDir::new(path)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        if metadata.nlink() > 1
+            && !metadata.is_dir()
+            && !seen.insert((metadata.dev(), metadata.ino()))
+        {
             continue;
         }
         totals.0 += metadata.blocks() * 512;
@@ -202,8 +235,10 @@ impl VerifyReport {
 /// and layers are present.
 pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     let blobs = store.content().list()?;
-    let results: Vec<_> =
-        blobs.par_iter().map(|blob| store.content().verify(&blob.digest)).collect();
+    let results: Vec<_> = blobs
+        .par_iter()
+        .map(|blob| store.content().verify(&blob.digest))
+        .collect();
     let mut report = VerifyReport::default();
     for result in results {
         match result {
@@ -218,7 +253,10 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
         }
     }
     for record in store.records()? {
-        let name = record.name.clone().unwrap_or_else(|| record.target.digest.to_string());
+        let name = record
+            .name
+            .clone()
+            .unwrap_or_else(|| record.target.digest.to_string());
         let check = store.image(&record.target).and_then(|image| {
             for layer in image.layers()? {
                 store.content().size(&layer.digest)?;

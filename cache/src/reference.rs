@@ -109,7 +109,10 @@ impl Reference {
         if let Some(tag) = &tag
             && !valid_tag(tag)
         {
-            return Err(ReferenceError::Tag { reference: text.to_string(), tag: tag.clone() });
+            return Err(ReferenceError::Tag {
+                reference: text.to_string(),
+                tag: tag.clone(),
+            });
         }
         let (registry, repository) = match name.split_once('/') {
             Some((first, remainder))
@@ -120,7 +123,10 @@ impl Reference {
             _ => (DEFAULT_REGISTRY.to_string(), name.to_string()),
         };
         if !valid_registry(&registry) {
-            return Err(ReferenceError::Registry { reference: text.to_string(), registry });
+            return Err(ReferenceError::Registry {
+                reference: text.to_string(),
+                registry,
+            });
         }
         let registry = if registry == "index.docker.io" || registry == "registry-1.docker.io" {
             DEFAULT_REGISTRY.to_string()
@@ -133,7 +139,9 @@ impl Reference {
             repository
         };
         if repository.len() > 255 {
-            return Err(ReferenceError::TooLong { reference: text.to_string() });
+            return Err(ReferenceError::TooLong {
+                reference: text.to_string(),
+            });
         }
         for component in repository.split('/') {
             if !valid_component(component) {
@@ -143,7 +151,12 @@ impl Reference {
                 });
             }
         }
-        Ok(Self { registry, repository, tag, digest })
+        Ok(Self {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 
     /// The registry host (and port).
@@ -174,7 +187,10 @@ impl Reference {
     /// The short form Docker shows: `busybox` for `docker.io/library/busybox`.
     pub fn familiar_name(&self) -> String {
         if self.registry == DEFAULT_REGISTRY {
-            self.repository.strip_prefix("library/").unwrap_or(&self.repository).to_string()
+            self.repository
+                .strip_prefix("library/")
+                .unwrap_or(&self.repository)
+                .to_string()
         } else {
             self.name()
         }
@@ -196,7 +212,11 @@ impl Reference {
 
     /// The same reference with another tag and no digest.
     pub fn with_tag(&self, tag: &str) -> Self {
-        Self { tag: Some(tag.to_string()), digest: None, ..self.clone() }
+        Self {
+            tag: Some(tag.to_string()),
+            digest: None,
+            ..self.clone()
+        }
     }
 }
 
@@ -232,7 +252,9 @@ fn valid_tag(tag: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 128
         && (bytes[0].is_ascii_alphanumeric() || bytes[0] == b'_')
-        && bytes.iter().all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(byte))
+        && bytes
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(byte))
 }
 
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
@@ -253,7 +275,11 @@ fn valid_component(component: &str) -> bool {
             index += 1;
         }
         let separator = &component[start..index];
-        if !(separator == "." || separator == "_" || separator == "__" || separator.bytes().all(|byte| byte == b'-')) {
+        if !(separator == "."
+            || separator == "_"
+            || separator == "__"
+            || separator.bytes().all(|byte| byte == b'-'))
+        {
             return false;
         }
     }
@@ -268,11 +294,14 @@ fn valid_registry(registry: &str) -> bool {
     let host_ok = !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+                && label
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
-    let port_ok = port.is_none_or(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok =
+        port.is_none_or(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
     host_ok && port_ok
 }
 
@@ -283,15 +312,47 @@ mod tests {
     #[test]
     fn normalizes_like_docker() {
         let cases = [
-            ("busybox", "docker.io/library/busybox:latest", "busybox:latest"),
-            ("busybox:1.36", "docker.io/library/busybox:1.36", "busybox:1.36"),
+            (
+                "busybox",
+                "docker.io/library/busybox:latest",
+                "busybox:latest",
+            ),
+            (
+                "busybox:1.36",
+                "docker.io/library/busybox:1.36",
+                "busybox:1.36",
+            ),
             ("user/app", "docker.io/user/app:latest", "user/app:latest"),
-            ("docker.io/busybox", "docker.io/library/busybox:latest", "busybox:latest"),
-            ("index.docker.io/library/busybox", "docker.io/library/busybox:latest", "busybox:latest"),
-            ("localhost/app", "localhost/app:latest", "localhost/app:latest"),
-            ("localhost:5000/a/b:v1", "localhost:5000/a/b:v1", "localhost:5000/a/b:v1"),
-            ("127.0.0.1:5000/app:v2", "127.0.0.1:5000/app:v2", "127.0.0.1:5000/app:v2"),
-            ("my_app-x.y__z", "docker.io/library/my_app-x.y__z:latest", "my_app-x.y__z:latest"),
+            (
+                "docker.io/busybox",
+                "docker.io/library/busybox:latest",
+                "busybox:latest",
+            ),
+            (
+                "index.docker.io/library/busybox",
+                "docker.io/library/busybox:latest",
+                "busybox:latest",
+            ),
+            (
+                "localhost/app",
+                "localhost/app:latest",
+                "localhost/app:latest",
+            ),
+            (
+                "localhost:5000/a/b:v1",
+                "localhost:5000/a/b:v1",
+                "localhost:5000/a/b:v1",
+            ),
+            (
+                "127.0.0.1:5000/app:v2",
+                "127.0.0.1:5000/app:v2",
+                "127.0.0.1:5000/app:v2",
+            ),
+            (
+                "my_app-x.y__z",
+                "docker.io/library/my_app-x.y__z:latest",
+                "my_app-x.y__z:latest",
+            ),
         ];
         for (input, normalized, familiar) in cases {
             let reference = Reference::parse(input).unwrap();
@@ -306,7 +367,10 @@ mod tests {
         let reference = Reference::parse(&format!("busybox@{digest}")).unwrap();
         assert_eq!(reference.tag(), None);
         assert_eq!(reference.digest(), Some(&digest));
-        assert_eq!(reference.to_string(), format!("docker.io/library/busybox@{digest}"));
+        assert_eq!(
+            reference.to_string(),
+            format!("docker.io/library/busybox@{digest}")
+        );
     }
 
     #[test]

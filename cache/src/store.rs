@@ -121,7 +121,11 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self + use<> {
         let path = path.to_path_buf();
-        move |source| Self::Io { action, path, source }
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
     }
 }
 
@@ -140,15 +144,28 @@ pub struct Target {
 impl Target {
     /// The OCI descriptor for this target.
     pub fn descriptor(&self) -> Descriptor {
-        Descriptor::new(MediaType::from(self.media_type.as_str()), self.size, self.digest.as_oci())
+        Descriptor::new(
+            MediaType::from(self.media_type.as_str()),
+            self.size,
+            self.digest.as_oci(),
+        )
     }
 
     /// The target an OCI descriptor names.
     pub fn from_descriptor(descriptor: &Descriptor) -> Result<Self, StoreError> {
-        let digest = descriptor.digest().to_string().parse().map_err(|_| {
-            StoreError::UnsupportedDigest { digest: descriptor.digest().to_string() }
-        })?;
-        Ok(Self { media_type: descriptor.media_type().to_string(), digest, size: descriptor.size() })
+        let digest =
+            descriptor
+                .digest()
+                .to_string()
+                .parse()
+                .map_err(|_| StoreError::UnsupportedDigest {
+                    digest: descriptor.digest().to_string(),
+                })?;
+        Ok(Self {
+            media_type: descriptor.media_type().to_string(),
+            digest,
+            size: descriptor.size(),
+        })
     }
 }
 
@@ -166,7 +183,9 @@ pub struct ImageRecord {
 impl ImageRecord {
     /// The parsed name.
     pub fn reference(&self) -> Option<Reference> {
-        self.name.as_deref().and_then(|name| Reference::parse(name).ok())
+        self.name
+            .as_deref()
+            .and_then(|name| Reference::parse(name).ok())
     }
 }
 
@@ -190,7 +209,11 @@ pub struct Image {
 impl Image {
     /// The layer descriptors, base first.
     pub fn layers(&self) -> Result<Vec<Target>, StoreError> {
-        self.manifest.layers().iter().map(Target::from_descriptor).collect()
+        self.manifest
+            .layers()
+            .iter()
+            .map(Target::from_descriptor)
+            .collect()
     }
 
     /// The image id as Docker shows it: the config digest.
@@ -200,7 +223,11 @@ impl Image {
 
     /// Sum of the compressed layer sizes, the config and the manifest.
     pub fn size(&self) -> u64 {
-        self.manifest.layers().iter().map(Descriptor::size).sum::<u64>()
+        self.manifest
+            .layers()
+            .iter()
+            .map(Descriptor::size)
+            .sum::<u64>()
             + self.config_target.size
             + self.target.size
     }
@@ -233,7 +260,8 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(StoreError::io("open", &lock_path))?;
-        lock.lock_shared().map_err(StoreError::io("lock", &lock_path))?;
+        lock.lock_shared()
+            .map_err(StoreError::io("lock", &lock_path))?;
         let layout = directory.join("oci-layout");
         if !layout.exists() {
             write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -245,7 +273,15 @@ impl Store {
             fs::create_dir_all(path).map_err(StoreError::io("create", path))?;
         }
         let cache = CacheIndex::open(&directory.join("cache"))?;
-        Ok(Self { root: root.to_path_buf(), directory, content, images, cache, snapshots, lock })
+        Ok(Self {
+            root: root.to_path_buf(),
+            directory,
+            content,
+            images,
+            cache,
+            snapshots,
+            lock,
+        })
     }
 
     /// The root directory given to [`Store::open`].
@@ -288,18 +324,33 @@ impl Store {
     /// Points `reference` at `target`, replacing what it named before.
     pub fn set_tag(&self, reference: &Reference, target: &Target) -> Result<(), StoreError> {
         let name = reference.to_string();
-        let record = ImageRecord { name: Some(name.clone()), target: target.clone(), updated: now() };
+        let record = ImageRecord {
+            name: Some(name.clone()),
+            target: target.clone(),
+            updated: now(),
+        };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
         write_atomic(&self.images.join(record_file_name(&name)), &bytes)?;
-        let dangling = self.images.join(format!("dangling-{}.json", target.digest.hex()));
+        let dangling = self
+            .images
+            .join(format!("dangling-{}.json", target.digest.hex()));
         remove_if_present(&dangling)
     }
 
     /// Records an untagged image so that prune keeps it.
     pub fn add_dangling(&self, target: &Target) -> Result<(), StoreError> {
-        let record = ImageRecord { name: None, target: target.clone(), updated: now() };
+        let record = ImageRecord {
+            name: None,
+            target: target.clone(),
+            updated: now(),
+        };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialize");
-        write_atomic(&self.images.join(format!("dangling-{}.json", target.digest.hex())), &bytes)?;
+        write_atomic(
+            &self
+                .images
+                .join(format!("dangling-{}.json", target.digest.hex())),
+            &bytes,
+        )?;
         Ok(())
     }
 
@@ -307,7 +358,9 @@ impl Store {
     pub fn remove_record(&self, record: &ImageRecord) -> Result<bool, StoreError> {
         let path = match &record.name {
             Some(name) => self.images.join(record_file_name(name)),
-            None => self.images.join(format!("dangling-{}.json", record.target.digest.hex())),
+            None => self
+                .images
+                .join(format!("dangling-{}.json", record.target.digest.hex())),
         };
         let existed = path.exists();
         remove_if_present(&path)?;
@@ -330,15 +383,27 @@ impl Store {
                 Ok(bytes) => bytes,
                 // Removed by another process since the listing.
                 Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(StoreError::Io { action: "read", path, source }),
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        action: "read",
+                        path,
+                        source,
+                    });
+                }
             };
-            let record: ImageRecord = serde_json::from_slice(&bytes)
-                .map_err(|source| StoreError::BadRecord { path: path.clone(), source })?;
+            let record: ImageRecord =
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::BadRecord {
+                    path: path.clone(),
+                    source,
+                })?;
             records.push(record);
         }
         records.sort_by(|left, right| {
-            (left.name.is_none(), &left.name, &left.target.digest)
-                .cmp(&(right.name.is_none(), &right.name, &right.target.digest))
+            (left.name.is_none(), &left.name, &left.target.digest).cmp(&(
+                right.name.is_none(),
+                &right.name,
+                &right.target.digest,
+            ))
         });
         Ok(records)
     }
@@ -352,7 +417,11 @@ impl Store {
                 .map(Some)
                 .map_err(|source| StoreError::BadRecord { path, source }),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { action: "read", path, source }),
+            Err(source) => Err(StoreError::Io {
+                action: "read",
+                path,
+                source,
+            }),
         }
     }
 
@@ -360,9 +429,14 @@ impl Store {
     /// `name@sha256:…`), an image id (`sha256:<hex>` or a hex prefix of at least 4 digits of
     /// the config digest), or a manifest digest.
     pub fn find(&self, text: &str) -> Result<Vec<ImageRecord>, StoreError> {
-        let not_found = || StoreError::ImageNotFound { name: text.to_string() };
+        let not_found = || StoreError::ImageNotFound {
+            name: text.to_string(),
+        };
         let id = text.strip_prefix("sha256:").unwrap_or(text);
-        let is_hex = |text: &str| text.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
+        let is_hex = |text: &str| {
+            text.bytes()
+                .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+        };
         let looks_like_id = id.len() >= 4 && id.len() <= 64 && is_hex(id);
         // Docker reads `sha256:…` and 64 hex digits as an id, never as a name.
         let id_only = text.starts_with("sha256:") || (text.len() == 64 && is_hex(text));
@@ -373,7 +447,9 @@ impl Store {
                     .into_iter()
                     .filter(|record| {
                         record.target.digest == *digest
-                            && record.reference().is_some_and(|name| name.name() == reference.name())
+                            && record
+                                .reference()
+                                .is_some_and(|name| name.name() == reference.name())
                     })
                     .collect(),
                 None => self.record(&reference)?.into_iter().collect::<Vec<_>>(),
@@ -388,9 +464,14 @@ impl Store {
         let mut matching = Vec::new();
         let mut images = Vec::new();
         for record in self.records()? {
-            let config = self.image(&record.target).ok().map(|image| image.config_target.digest);
+            let config = self
+                .image(&record.target)
+                .ok()
+                .map(|image| image.config_target.digest);
             let manifest_hex = record.target.digest.hex().to_string();
-            let hit = config.as_ref().is_some_and(|digest| digest.hex().starts_with(id))
+            let hit = config
+                .as_ref()
+                .is_some_and(|digest| digest.hex().starts_with(id))
                 || manifest_hex.starts_with(id);
             if hit {
                 images.push(config.map_or(manifest_hex, |digest| digest.hex().to_string()));
@@ -402,7 +483,10 @@ impl Store {
         match images.len() {
             0 => Err(not_found()),
             1 => Ok(matching),
-            count => Err(StoreError::AmbiguousId { id: text.to_string(), count }),
+            count => Err(StoreError::AmbiguousId {
+                id: text.to_string(),
+                count,
+            }),
         }
     }
 
@@ -415,15 +499,30 @@ impl Store {
             });
         }
         let manifest_bytes = self.content.read_bytes(&target.digest, MAX_MANIFEST_SIZE)?;
-        let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|source| {
-            StoreError::BadDocument { what: "manifest", digest: target.digest.clone(), source }
-        })?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|source| StoreError::BadDocument {
+                what: "manifest",
+                digest: target.digest.clone(),
+                source,
+            })?;
         let config_target = Target::from_descriptor(manifest.config())?;
-        let config_bytes = self.content.read_bytes(&config_target.digest, MAX_CONFIG_SIZE)?;
-        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|source| {
-            StoreError::BadDocument { what: "config", digest: config_target.digest.clone(), source }
-        })?;
-        Ok(Image { target: target.clone(), manifest, manifest_bytes, config_target, config, config_bytes })
+        let config_bytes = self
+            .content
+            .read_bytes(&config_target.digest, MAX_CONFIG_SIZE)?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(&config_bytes).map_err(|source| StoreError::BadDocument {
+                what: "config",
+                digest: config_target.digest.clone(),
+                source,
+            })?;
+        Ok(Image {
+            target: target.clone(),
+            manifest,
+            manifest_bytes,
+            config_target,
+            config,
+            config_bytes,
+        })
     }
 
     /// Writes a config and an OCI manifest over already-stored layers; returns the
@@ -435,8 +534,11 @@ impl Store {
     ) -> Result<Target, StoreError> {
         let config_bytes = serde_json::to_vec(config).expect("configs serialize");
         let config_info = self.content.write_bytes(&config_bytes)?;
-        let config_target =
-            Target { media_type: OCI_CONFIG.to_string(), digest: config_info.digest, size: config_info.size };
+        let config_target = Target {
+            media_type: OCI_CONFIG.to_string(),
+            digest: config_info.digest,
+            size: config_info.size,
+        };
         self.write_manifest(&config_target, layers)
     }
 
@@ -450,7 +552,11 @@ impl Store {
         });
         let bytes = serde_json::to_vec(&manifest).expect("manifests serialize");
         let info = self.content.write_bytes(&bytes)?;
-        Ok(Target { media_type: OCI_MANIFEST.to_string(), digest: info.digest, size: info.size })
+        Ok(Target {
+            media_type: OCI_MANIFEST.to_string(),
+            digest: info.digest,
+            size: info.size,
+        })
     }
 }
 
@@ -472,7 +578,11 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(StoreError::Io { action: "remove", path: path.to_path_buf(), source }),
+        Err(source) => Err(StoreError::Io {
+            action: "remove",
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -500,7 +610,9 @@ fn lock_exclusive(file: &File) -> io::Result<bool> {
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |time| time.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |time| time.as_secs())
 }
 
 #[cfg(test)]
@@ -535,8 +647,12 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
         let target = image(&store, "one");
-        store.set_tag(&Reference::parse("app:v1").unwrap(), &target).unwrap();
-        store.set_tag(&Reference::parse("localhost:5000/app").unwrap(), &target).unwrap();
+        store
+            .set_tag(&Reference::parse("app:v1").unwrap(), &target)
+            .unwrap();
+        store
+            .set_tag(&Reference::parse("localhost:5000/app").unwrap(), &target)
+            .unwrap();
         let found = store.find("app:v1").unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].name.as_deref(), Some("docker.io/library/app:v1"));
@@ -544,9 +660,15 @@ mod tests {
         assert_eq!(image.layers().unwrap().len(), 1);
         let id = image.id().hex()[..12].to_string();
         assert_eq!(store.find(&id).unwrap().len(), 2);
-        assert!(matches!(store.find("app"), Err(StoreError::ImageNotFound { .. })));
+        assert!(matches!(
+            store.find("app"),
+            Err(StoreError::ImageNotFound { .. })
+        ));
         assert!(store.remove_record(&found[0]).unwrap());
-        assert!(matches!(store.find("app:v1"), Err(StoreError::ImageNotFound { .. })));
+        assert!(matches!(
+            store.find("app:v1"),
+            Err(StoreError::ImageNotFound { .. })
+        ));
         assert_eq!(store.records().unwrap().len(), 1);
     }
 
@@ -557,7 +679,10 @@ mod tests {
         let target = image(&store, "two");
         fs::write(store.content().blob_path(&target.digest), b"{}").unwrap();
         let error = store.image(&target).unwrap_err();
-        assert!(matches!(error, StoreError::Content(ContentError::Corrupt { .. })), "{error}");
+        assert!(
+            matches!(error, StoreError::Content(ContentError::Corrupt { .. })),
+            "{error}"
+        );
     }
 
     #[test]
@@ -566,7 +691,9 @@ mod tests {
         let first = Store::open(root.path()).unwrap();
         let second = Store::open(root.path()).unwrap();
         let target = image(&first, "three");
-        second.set_tag(&Reference::parse("shared").unwrap(), &target).unwrap();
+        second
+            .set_tag(&Reference::parse("shared").unwrap(), &target)
+            .unwrap();
         assert_eq!(first.find("shared").unwrap()[0].target, target);
     }
 }

@@ -714,3 +714,53 @@ fn store_tar_keeps_the_given_bytes_as_the_diff_id() {
     }
     assert_ingest_empty(&store);
 }
+
+#[test]
+fn symlinks_out_of_the_tree_are_archived_as_links_not_followed() {
+    let base = tempfile::tempdir().unwrap();
+    let victim = base.path().join("victim");
+    fs::create_dir(&victim).unwrap();
+    fs::write(victim.join("secret"), b"victim secret").unwrap();
+    let root = base.path().join("root");
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::symlink("../victim", root.join("escape")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/root/etc", root.join("etc")).unwrap();
+    std::os::unix::fs::symlink(victim.join("secret"), root.join("secret")).unwrap();
+    let bytes = tar_of(&root, &LayerOptions::default());
+    let entries = read_tar(&bytes);
+    assert_eq!(names(&entries), ["escape", "etc", "secret"]);
+    assert!(
+        entries
+            .iter()
+            .all(|entry| entry.kind == EntryType::Symlink && entry.size == 0)
+    );
+    assert!(
+        !bytes.windows(13).any(|window| window == b"victim secret"),
+        "the victim leaked"
+    );
+    assert_eq!(fs::read(victim.join("secret")).unwrap(), b"victim secret");
+}
+
+#[test]
+fn a_bad_level_is_refused_and_nothing_is_stored() {
+    let tree = tempfile::tempdir().unwrap();
+    fs::write(tree.path().join("file"), b"content").unwrap();
+    let (_directory, store) = store();
+    let options = LayerOptions {
+        level: Some(12),
+        ..options(Compression::Gzip, None)
+    };
+    let error = create_layer(tree.path(), &options, &store).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            LayerError::Encoder {
+                compression: Compression::Gzip,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_ingest_empty(&store);
+    assert!(store.list().unwrap().is_empty());
+}

@@ -25,7 +25,9 @@ pub fn run(root: &Path, command: CommandLine) -> Status {
         CommandLine::Inspect(arguments) => inspect(&store, &arguments.images),
         CommandLine::Tag(arguments) => tag(&store, &arguments.source, &arguments.target),
         CommandLine::Rmi(arguments) => rmi(&store, &arguments.images, arguments.force),
-        CommandLine::Save(arguments) => save(&store, &arguments.images, arguments.output.as_deref()),
+        CommandLine::Save(arguments) => {
+            save(&store, &arguments.images, arguments.output.as_deref())
+        }
         CommandLine::Load(arguments) => load(&store, arguments.input.as_deref(), arguments.quiet),
         CommandLine::Import(arguments) => import(&store, &arguments.file, &arguments.reference),
         CommandLine::Prune(arguments) => prune(&store, arguments.all),
@@ -61,7 +63,10 @@ fn usage(message: &str) -> Status {
 
 fn print(text: &str) -> Status {
     let mut stdout = io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Ok(()) => Status::Success,
         Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Status::Success,
         Err(error) => fail(&error),
@@ -129,12 +134,23 @@ fn images(store: &Store, quiet: bool, format: ListFormat) -> Status {
             }
         };
         let reference = record.reference();
-        let repository = reference.as_ref().map_or("<none>".to_string(), Reference::familiar_name);
-        let tag = reference.as_ref().and_then(|name| name.tag().map(str::to_string));
-        rows.push((repository, tag.unwrap_or_else(|| "<none>".to_string()), image));
+        let repository = reference
+            .as_ref()
+            .map_or("<none>".to_string(), Reference::familiar_name);
+        let tag = reference
+            .as_ref()
+            .and_then(|name| name.tag().map(str::to_string));
+        rows.push((
+            repository,
+            tag.unwrap_or_else(|| "<none>".to_string()),
+            image,
+        ));
     }
     if quiet {
-        let mut ids: Vec<String> = rows.iter().map(|row| row.2.id().short().to_string()).collect();
+        let mut ids: Vec<String> = rows
+            .iter()
+            .map(|row| row.2.id().short().to_string())
+            .collect();
         ids.dedup();
         return print(&ids.iter().map(|id| format!("{id}\n")).collect::<String>());
     }
@@ -222,13 +238,20 @@ fn inspect(store: &Store, names: &[String]) -> Status {
         head.insert("id".into(), image.id().to_string().into());
         head.insert("digest".into(), image.target.digest.to_string().into());
         head.insert("media_type".into(), image.target.media_type.clone().into());
-        head.insert("config_digest".into(), image.config_target.digest.to_string().into());
+        head.insert(
+            "config_digest".into(),
+            image.config_target.digest.to_string().into(),
+        );
         head.insert("size".into(), image.size().into());
         head.insert("manifest".into(), manifest);
         head.append(&mut document);
         documents.push(serde_json::Value::Object(head));
     }
-    let json = if documents.len() == 1 { documents.remove(0) } else { documents.into() };
+    let json = if documents.len() == 1 {
+        documents.remove(0)
+    } else {
+        documents.into()
+    };
     print(&(serde_json::to_string_pretty(&json).expect("json") + "\n"))
 }
 
@@ -238,9 +261,13 @@ fn tag(store: &Store, source: &str, target: &str) -> Status {
         Err(error) => return usage(&error.to_string()),
     };
     if reference.digest().is_some() {
-        return usage(&format!("invalid tag {target:?}: a tag cannot carry a digest"));
+        return usage(&format!(
+            "invalid tag {target:?}: a tag cannot carry a digest"
+        ));
     }
-    let result = store.find(source).and_then(|records| store.set_tag(&reference, &records[0].target));
+    let result = store
+        .find(source)
+        .and_then(|records| store.set_tag(&reference, &records[0].target));
     match result {
         Ok(()) => Status::Success,
         Err(error) => fail(&error),
@@ -261,7 +288,10 @@ fn rmi(store: &Store, names: &[String], force: bool) -> Status {
             records.len() == 1 && records[0].name.as_deref() == Some(&reference.to_string())
         });
         if !by_name && records.len() > 1 && !force {
-            let names: Vec<_> = records.iter().filter_map(|record| record.name.clone()).collect();
+            let names: Vec<_> = records
+                .iter()
+                .filter_map(|record| record.name.clone())
+                .collect();
             eprintln!(
                 "error: image {name} has several names ({}): remove them by name, or use --force",
                 names.join(", ")
@@ -273,7 +303,9 @@ fn rmi(store: &Store, names: &[String], force: bool) -> Status {
             match store.remove_record(record) {
                 Ok(_) => println!(
                     "Untagged: {}",
-                    record.reference().map_or(record.target.digest.to_string(), |r| r.familiar())
+                    record
+                        .reference()
+                        .map_or(record.target.digest.to_string(), |r| r.familiar())
                 ),
                 Err(error) => status = fail(&error),
             }
@@ -293,18 +325,25 @@ fn save(store: &Store, names: &[String], output: Option<&Path>) -> Status {
             Err(error) => return fail(&error),
         };
         // Saved by name: that name; saved by id: every name the image has.
-        let named = Reference::parse(name)
-            .ok()
-            .and_then(|reference| records.iter().find(|record| record.name.as_deref() == Some(&reference.to_string())));
+        let named = Reference::parse(name).ok().and_then(|reference| {
+            records
+                .iter()
+                .find(|record| record.name.as_deref() == Some(&reference.to_string()))
+        });
         let references: Vec<Option<Reference>> = match named {
             Some(record) => vec![record.reference()],
-            None if records.iter().any(|record| record.name.is_some()) => {
-                records.iter().filter_map(ImageRecord::reference).map(Some).collect()
-            }
+            None if records.iter().any(|record| record.name.is_some()) => records
+                .iter()
+                .filter_map(ImageRecord::reference)
+                .map(Some)
+                .collect(),
             None => vec![None],
         };
         for reference in references {
-            items.push(SaveItem { reference, image: image.clone() });
+            items.push(SaveItem {
+                reference,
+                image: image.clone(),
+            });
         }
     }
     match output {
@@ -319,7 +358,9 @@ fn save(store: &Store, names: &[String], output: Option<&Path>) -> Status {
         },
         _ => {
             if io::stdout().is_terminal() {
-                return usage("refusing to write an archive to a terminal: use -o FILE or redirect stdout");
+                return usage(
+                    "refusing to write an archive to a terminal: use -o FILE or redirect stdout",
+                );
             }
             let stdout = BufWriter::with_capacity(1 << 20, io::stdout().lock());
             match archive::save(store, &items, stdout) {
@@ -336,10 +377,18 @@ fn write_file_atomic(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
 ) -> io::Result<()> {
-    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| io::Error::other("not a file name"))?;
-    let temp: PathBuf =
-        directory.join(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("not a file name"))?;
+    let temp: PathBuf = directory.join(format!(
+        ".{}.{}.partial",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut out = BufWriter::with_capacity(1 << 20, File::create(&temp)?);
         write(&mut out)?;
@@ -355,10 +404,14 @@ fn write_file_atomic(
 
 fn open_input(path: Option<&Path>) -> io::Result<Box<dyn Read>> {
     match path {
-        Some(path) if path != Path::new("-") => {
-            Ok(Box::new(BufReader::with_capacity(1 << 20, File::open(path)?)))
-        }
-        _ => Ok(Box::new(BufReader::with_capacity(1 << 20, io::stdin().lock()))),
+        Some(path) if path != Path::new("-") => Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            File::open(path)?,
+        ))),
+        _ => Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            io::stdin().lock(),
+        ))),
     }
 }
 
@@ -369,7 +422,10 @@ fn load(store: &Store, input: Option<&Path>, quiet: bool) -> Status {
     let reader = match open_input(input) {
         Ok(reader) => reader,
         Err(error) => {
-            eprintln!("error: opening {}: {error}", input.unwrap_or(Path::new("-")).display());
+            eprintln!(
+                "error: opening {}: {error}",
+                input.unwrap_or(Path::new("-")).display()
+            );
             return Status::Failure;
         }
     };
@@ -392,7 +448,11 @@ fn load(store: &Store, input: Option<&Path>, quiet: bool) -> Status {
 fn import(store: &Store, file: &Path, reference: &str) -> Status {
     let reference = match Reference::parse(reference) {
         Ok(reference) if reference.digest().is_none() => reference,
-        Ok(_) => return usage(&format!("invalid name {reference:?}: a name cannot carry a digest")),
+        Ok(_) => {
+            return usage(&format!(
+                "invalid name {reference:?}: a name cannot carry a digest"
+            ));
+        }
         Err(error) => return usage(&error.to_string()),
     };
     let reader = match open_input(Some(file)) {
@@ -406,13 +466,21 @@ fn import(store: &Store, file: &Path, reference: &str) -> Status {
     let created = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(text) => match text.parse::<i64>() {
             Ok(seconds) => seconds,
-            Err(_) => return usage(&format!("SOURCE_DATE_EPOCH={text:?} is not a number of seconds")),
+            Err(_) => {
+                return usage(&format!(
+                    "SOURCE_DATE_EPOCH={text:?} is not a number of seconds"
+                ));
+            }
         },
         Err(_) => rbuild_cache::store::now() as i64,
     };
     let options = ImportOptions {
         created: time::rfc3339(created),
-        comment: format!("imported from {}", file.file_name().map_or("-".into(), |name| name.to_string_lossy())),
+        comment: format!(
+            "imported from {}",
+            file.file_name()
+                .map_or("-".into(), |name| name.to_string_lossy())
+        ),
     };
     match archive::import(store, reader, &reference, &options) {
         Ok(target) => {
@@ -427,7 +495,10 @@ fn prune(store: &Store, all: bool) -> Status {
     match gc::prune(store, all) {
         Ok(report) => {
             if report.cache_records_removed > 0 || all {
-                eprintln!("Deleted {} build cache records", report.cache_records_removed);
+                eprintln!(
+                    "Deleted {} build cache records",
+                    report.cache_records_removed
+                );
             }
             if report.snapshots_removed > 0 {
                 eprintln!("Deleted {} snapshots", report.snapshots_removed);
@@ -450,16 +521,33 @@ fn du(store: &Store, format: ListFormat) -> Status {
                 serde_json::json!({"part": name, "bytes": disk, "apparent_bytes": apparent, "files": files})
             })
             .collect();
-        let json = serde_json::json!({"root": store.root(), "total_bytes": usage.total(), "parts": parts});
+        let json =
+            serde_json::json!({"root": store.root(), "total_bytes": usage.total(), "parts": parts});
         return print(&(serde_json::to_string_pretty(&json).expect("json") + "\n"));
     }
     let mut text = String::new();
-    let width = usage.parts.iter().map(|part| part.0.len()).max().unwrap_or(5).max(5);
-    text.push_str(&format!("{:<width$}   {:>10}   {:>8}\n", "PART", "SIZE", "FILES"));
+    let width = usage
+        .parts
+        .iter()
+        .map(|part| part.0.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    text.push_str(&format!(
+        "{:<width$}   {:>10}   {:>8}\n",
+        "PART", "SIZE", "FILES"
+    ));
     for (name, disk, _, files) in &usage.parts {
-        text.push_str(&format!("{name:<width$}   {:>10}   {files:>8}\n", human_size(*disk)));
+        text.push_str(&format!(
+            "{name:<width$}   {:>10}   {files:>8}\n",
+            human_size(*disk)
+        ));
     }
-    text.push_str(&format!("{:<width$}   {:>10}\n", "total", human_size(usage.total())));
+    text.push_str(&format!(
+        "{:<width$}   {:>10}\n",
+        "total",
+        human_size(usage.total())
+    ));
     print(&text)
 }
 
@@ -479,7 +567,11 @@ fn verify(store: &Store) -> Status {
                 report.corrupt.len(),
                 report.broken_images.len()
             );
-            if report.is_clean() { Status::Success } else { Status::Failure }
+            if report.is_clean() {
+                Status::Success
+            } else {
+                Status::Failure
+            }
         }
         Err(error) => fail(&error),
     }
