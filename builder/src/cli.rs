@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum CommandLine {
     /// Build an image from a Dockerfile and a context directory (the default command).
-    Build(BuildArguments),
+    Build(Box<BuildArguments>),
     /// List the images in the local store.
     Images(ImagesArguments),
     /// Show an image's manifest digest and OCI config as JSON.
@@ -300,7 +300,7 @@ pub fn with_default_command(arguments: Vec<OsString>) -> Vec<OsString> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(with_default_command(std::env::args_os().collect()));
     let status = match cli.command {
-        CommandLine::Build(arguments) => match BuildOptions::from_arguments(arguments, cli.root) {
+        CommandLine::Build(arguments) => match BuildOptions::from_arguments(*arguments, cli.root) {
             Ok(options) => commands::build::run(&options),
             Err(error) => usage_failure(&error),
         },

@@ -611,3 +611,30 @@ fn prune_waits_for_a_running_import_and_keeps_its_image() {
         "{verified}"
     );
 }
+
+#[test]
+fn dry_run_finds_base_images_in_the_store_without_creating_one() {
+    let directory = TempDirectory::new("dry-run");
+    let context = directory.join("context");
+    fs::create_dir_all(&context).unwrap();
+    fs::write(context.join("Dockerfile"), "FROM busybox\nRUN echo hi\n").unwrap();
+    let root = directory.join("root");
+    let before = succeeds(rbuild(
+        &root,
+        &["build", "--dry-run", context.to_str().unwrap()],
+    ));
+    assert!(
+        before.contains("base image busybox: not in the store"),
+        "{before}"
+    );
+    assert!(!root.exists(), "a dry run must not create the store");
+    let digest = import_busybox(&root, "busybox");
+    let after = succeeds(rbuild(
+        &root,
+        &["build", "--dry-run", context.to_str().unwrap()],
+    ));
+    assert!(
+        after.contains(&format!("base image busybox: in the store ({digest}")),
+        "{after}"
+    );
+}

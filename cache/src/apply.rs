@@ -644,10 +644,10 @@ impl Applier<'_> {
 
     /// The parent directory `path`, resolved in the root; created when `create` is set.
     fn parent(&mut self, path: &Path, create: bool) -> Result<Rc<Parent>, Errno> {
-        if let Some(cached) = &self.cached_parent {
-            if cached.path == path {
-                return Ok(Rc::clone(cached));
-            }
+        if let Some(cached) = &self.cached_parent
+            && cached.path == path
+        {
+            return Ok(Rc::clone(cached));
         }
         let flags = OFlags::PATH | OFlags::DIRECTORY;
         let fd = match open_in_root(self.root.as_fd(), path, flags) {
@@ -937,12 +937,12 @@ impl Applier<'_> {
         let parent = self
             .parent(target.parent, true)
             .map_err(fail("create parent directories of", raw))?;
-        if let Ok(existing) = sys::statat(&parent.fd, target.name, AtFlags::SYMLINK_NOFOLLOW) {
-            if (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino) {
-                // Already this very link (a hardlink to itself, or a repeated entry).
-                self.mark_written(&parent, target.name);
-                return Ok(());
-            }
+        if let Ok(existing) = sys::statat(&parent.fd, target.name, AtFlags::SYMLINK_NOFOLLOW)
+            && (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino)
+        {
+            // Already this very link (a hardlink to itself, or a repeated entry).
+            self.mark_written(&parent, target.name);
+            return Ok(());
         }
         self.make_room(&parent, target.name, false)
             .map_err(fail("replace", raw))?;

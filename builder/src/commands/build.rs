@@ -5,13 +5,15 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use rbuild_cache::Store;
 use rbuild_frontend::dockerignore::IgnoreMatcher;
 use rbuild_frontend::graph::{Base, BuildGraph, Op, Vertex};
-use rbuild_frontend::{NoImages, PlanOptions, Platform};
+use rbuild_frontend::{PlanOptions, Platform};
 use serde::Serialize;
 
 use crate::cli::PlanFormat;
 use crate::options::{BuildOptions, DockerfileSource, Status};
+use crate::resolver::StoreImages;
 
 /// Runs `rbuild build` and returns how the process ends.
 pub fn run(options: &BuildOptions) -> Status {
@@ -42,7 +44,21 @@ pub fn run(options: &BuildOptions) -> Status {
         target_platform: options.platform.clone(),
         build_platform: Platform::host(),
     };
-    let graph = match rbuild_frontend::plan(&text, &plan_options, &NoImages) {
+    // A dry run reads the store when there is one, and never creates it.
+    let store = if options
+        .root
+        .join(rbuild_cache::store::LAYOUT_VERSION)
+        .is_dir()
+    {
+        match Store::open(&options.root) {
+            Ok(store) => Some(store),
+            Err(error) => return super::image::fail(&error),
+        }
+    } else {
+        None
+    };
+    let images = StoreImages::new(store.as_ref());
+    let graph = match rbuild_frontend::plan(&text, &plan_options, &images) {
         Ok(graph) => graph,
         Err(error) => {
             eprintln!("{}", error.render(&display_name, &text));
@@ -58,7 +74,7 @@ pub fn run(options: &BuildOptions) -> Status {
         );
         return Status::Failure;
     }
-    let plan = Plan::new(&display_name, &graph, ignore.as_ref());
+    let plan = Plan::new(&display_name, &graph, ignore.as_ref(), &images);
     let printed = match options.format {
         PlanFormat::Text => plan.text(),
         PlanFormat::Json => serde_json::to_string_pretty(&plan)
@@ -174,6 +190,7 @@ impl Plan {
         dockerfile: &str,
         graph: &BuildGraph,
         ignore: Option<&(PathBuf, IgnoreMatcher)>,
+        images: &StoreImages<'_>,
     ) -> Self {
         let stages = graph
             .stages
@@ -189,7 +206,7 @@ impl Plan {
         let steps = graph
             .dependency_order()
             .into_iter()
-            .map(|vertex| planned_step(graph, vertex))
+            .map(|vertex| planned_step(graph, vertex, images))
             .collect();
         Self {
             dockerfile: dockerfile.to_string(),
@@ -238,7 +255,7 @@ impl Plan {
     }
 }
 
-fn planned_step(graph: &BuildGraph, vertex: Vertex) -> PlannedStep {
+fn planned_step(graph: &BuildGraph, vertex: Vertex, images: &StoreImages<'_>) -> PlannedStep {
     let (stage_index, position) = match vertex {
         Vertex::Base { stage } => (stage, 0),
         Vertex::Step { stage, step } => (stage, step + 1),
@@ -261,9 +278,16 @@ fn planned_step(graph: &BuildGraph, vertex: Vertex) -> PlannedStep {
             digest: Some(stage.base_digest.clone()),
             prediction: match &stage.base {
                 Base::Scratch => "empty filesystem".to_string(),
-                Base::Image(reference) => {
-                    format!("base image {reference}: not in the store (a build would fetch it)")
-                }
+                Base::Image(reference) => match images.lookup(reference) {
+                    Some(image) => format!(
+                        "base image {reference}: in the store ({}, id {})",
+                        image.target.digest,
+                        image.id().short()
+                    ),
+                    None => {
+                        format!("base image {reference}: not in the store (a build would fetch it)")
+                    }
+                },
                 Base::Stage(_) => "result of the stage it names".to_string(),
             },
         },

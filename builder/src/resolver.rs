@@ -1,0 +1,80 @@
+//! Base images for the planner: the frontend asks through its `ImageResolver` seam, and this
+//! answers from the local image store (the registry comes with its issue).
+
+use rbuild_cache::{Image, Reference, Store};
+use rbuild_frontend::Platform;
+use rbuild_frontend::graph::{BaseImageConfig, ImageResolver};
+
+/// Resolves base images from a store, when there is one.
+pub struct StoreImages<'a> {
+    store: Option<&'a Store>,
+}
+
+impl<'a> StoreImages<'a> {
+    /// Resolves from `store`; with none, nothing resolves.
+    pub fn new(store: Option<&'a Store>) -> Self {
+        Self { store }
+    }
+
+    /// The image `reference` names in the store.
+    pub fn lookup(&self, reference: &str) -> Option<Image> {
+        let store = self.store?;
+        let reference = Reference::parse(reference).ok()?;
+        let record = match reference.digest() {
+            Some(_) => store
+                .find(&reference.to_string())
+                .ok()?
+                .into_iter()
+                .next()?,
+            None => store.record(&reference).ok()??,
+        };
+        store.image(&record.target).ok()
+    }
+}
+
+impl ImageResolver for StoreImages<'_> {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Option<BaseImageConfig> {
+        let image = self.lookup(reference)?;
+        let config: serde_json::Value = serde_json::from_slice(&image.config_bytes).ok()?;
+        if config["os"].as_str().is_some_and(|os| os != platform.os)
+            || config["architecture"]
+                .as_str()
+                .is_some_and(|arch| arch != platform.architecture)
+        {
+            return None;
+        }
+        let section = &config["config"];
+        let strings = |value: &serde_json::Value| -> Vec<String> {
+            value
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|item| item.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let non_empty = |value: &serde_json::Value| {
+            value
+                .as_str()
+                .filter(|text| !text.is_empty())
+                .map(str::to_string)
+        };
+        Some(BaseImageConfig {
+            env: strings(&section["Env"])
+                .into_iter()
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, value)) => (key.to_string(), value.to_string()),
+                    None => (pair, String::new()),
+                })
+                .collect(),
+            working_dir: non_empty(&section["WorkingDir"]),
+            user: non_empty(&section["User"]),
+            shell: section["Shell"]
+                .as_array()
+                .map(|_| strings(&section["Shell"])),
+            onbuild: strings(&section["OnBuild"]),
+        })
+    }
+}
