@@ -37,15 +37,26 @@ pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
     };
     if all {
         report.cache_records_removed = store.cache().clear()?;
-        let snapshots = store.snapshots_directory();
-        for entry in fs::read_dir(snapshots).map_err(StoreError::io("list", snapshots))? {
-            let path = entry.map_err(StoreError::io("list", snapshots))?.path();
-            report.bytes_freed += tree_size(&path).0;
-            fs::remove_dir_all(&path)
-                .or_else(|_| fs::remove_file(&path))
-                .map_err(StoreError::io("remove", &path))?;
-            report.snapshots_removed += 1;
+    }
+    // Snapshots of layers no image uses any more, and unpacks a killed process left behind.
+    let used = if all {
+        BTreeSet::new()
+    } else {
+        used_diff_ids(store)?
+    };
+    let snapshots = store.snapshots_directory();
+    for entry in fs::read_dir(snapshots).map_err(StoreError::io("list", snapshots))? {
+        let entry = entry.map_err(StoreError::io("list", snapshots))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if used.contains(&name) {
+            continue;
         }
+        let path = entry.path();
+        report.bytes_freed += tree_size(&path).0;
+        fs::remove_dir_all(&path)
+            .or_else(|_| fs::remove_file(&path))
+            .map_err(StoreError::io("remove", &path))?;
+        report.snapshots_removed += 1;
     }
     let reachable = reachable_blobs(store)?;
     for blob in store.content().list()? {
@@ -57,6 +68,21 @@ pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
     }
     report.bytes_freed += store.content().remove_stale_ingests()?;
     Ok(report)
+}
+
+/// The hex diff ids of every layer of every named or dangling image.
+fn used_diff_ids(store: &Store) -> Result<BTreeSet<String>, StoreError> {
+    let mut used = BTreeSet::new();
+    for record in store.records()? {
+        if let Ok(image) = store.image(&record.target) {
+            for diff_id in image.config.rootfs().diff_ids() {
+                if let Some(hex) = diff_id.strip_prefix("sha256:") {
+                    used.insert(hex.to_string());
+                }
+            }
+        }
+    }
+    Ok(used)
 }
 
 /// Every blob an image record or cache record needs.

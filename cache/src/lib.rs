@@ -14,6 +14,7 @@ pub mod digest;
 pub mod gc;
 pub mod layer;
 pub mod reference;
+pub mod snapshot;
 pub mod store;
 pub mod time;
 
