@@ -56,6 +56,62 @@ pub enum CommandLine {
     Du(DuArguments),
     /// Re-hash every blob and check every image is whole.
     Verify,
+    /// Run a command in a new container from an image of the local store.
+    Run(RunArguments),
+}
+
+/// `rbuild run`.
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+pub struct RunArguments {
+    /// Remove the container's writable layer when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Set an environment variable; a bare KEY takes rbuild's own value (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE|KEY")]
+    pub env: Vec<String>,
+    /// Bind-mount a host path: HOST:CONTAINER[:ro|rw] (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro|rw]")]
+    pub volumes: Vec<String>,
+    /// Working directory inside the container (created if missing).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User: name|uid[:group|gid], resolved in the image's /etc/passwd and /etc/group.
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    pub user: Option<String>,
+    /// Replace the image's entrypoint (and drop its Cmd); "" clears it.
+    #[arg(long, value_name = "COMMAND")]
+    pub entrypoint: Option<String>,
+    /// The container's network: none (only loopback) or the host's.
+    #[arg(long, value_enum, default_value_t = RunNetwork::None)]
+    pub network: RunNetwork,
+    /// Memory limit: bytes, or with a unit b, k, m, g.
+    #[arg(short = 'm', long, value_name = "BYTES")]
+    pub memory: Option<String>,
+    /// CPU limit in CPUs, as 1.5.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+    /// Limit on processes and threads.
+    #[arg(long = "pids-limit", value_name = "N")]
+    pub pids_limit: Option<u64>,
+    /// Container hostname [default: the container id].
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// The image (name or id).
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// The command and its arguments [default: the image's Entrypoint and Cmd].
+    #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// `rbuild run --network`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RunNetwork {
+    /// A network namespace with only loopback.
+    None,
+    /// The host's network.
+    Host,
 }
 
 /// `--format` of listing commands.
@@ -264,7 +320,7 @@ pub enum PlanFormat {
 /// The commands that are not `build`; any other first word means `build`.
 const COMMANDS: &[&str] = &[
     "build", "images", "inspect", "tag", "rmi", "save", "load", "import", "prune", "du", "verify",
-    "help",
+    "run", "help",
 ];
 
 /// Inserts `build` after the global options when no command is named.
@@ -304,6 +360,10 @@ pub fn main() -> ExitCode {
             Ok(options) => commands::build::run(&options),
             Err(error) => usage_failure(&error),
         },
+        CommandLine::Run(arguments) => {
+            let root = cli.root.unwrap_or_else(crate::options::default_root);
+            return ExitCode::from(commands::run::run(&root, arguments));
+        }
         command => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
             commands::image::run(&root, command)

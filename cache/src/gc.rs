@@ -23,6 +23,8 @@ pub struct PruneReport {
     pub cache_records_removed: usize,
     /// Snapshots deleted.
     pub snapshots_removed: usize,
+    /// Writable layers of finished containers deleted.
+    pub containers_removed: usize,
     /// Whether prune had to wait for other rbuild processes.
     pub waited: bool,
 }
@@ -57,6 +59,17 @@ pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
             .or_else(|_| fs::remove_file(&path))
             .map_err(StoreError::io("remove", &path))?;
         report.snapshots_removed += 1;
+    }
+    // Writable layers of finished `rbuild run` containers: with the exclusive lock held, no
+    // container of this root is running.
+    let containers = store.containers_directory();
+    if let Ok(entries) = fs::read_dir(&containers) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            report.bytes_freed += tree_size(&path).0;
+            fs::remove_dir_all(&path).map_err(StoreError::io("remove", &path))?;
+            report.containers_removed += 1;
+        }
     }
     let reachable = reachable_blobs(store)?;
     for blob in store.content().list()? {
@@ -193,6 +206,7 @@ pub fn disk_usage(store: &Store) -> DiskUsage {
         ("images", store.images_directory().to_path_buf()),
         ("cache index", store.cache().directory().to_path_buf()),
         ("snapshots", store.snapshots_directory().to_path_buf()),
+        ("containers", store.containers_directory()),
     ];
     let mut usage = DiskUsage::default();
     let mut counted = (0, 0, 0);

@@ -10,6 +10,7 @@
 //!                              dangling-<manifest hex>.json for an untagged image
 //! ROOT/v1/cache/<hex>.json     cache records (see `cache_index`)
 //! ROOT/v1/snapshots/           unpacked layers
+//! ROOT/v1/containers/<id>/     writable layers of `rbuild run` (removed by --rm or prune)
 //! ```
 //!
 //! Every record is written with [`write_atomic`]; a record only ever names blobs that were
@@ -269,7 +270,8 @@ impl Store {
         let content = ContentStore::open(&directory)?;
         let images = directory.join("images");
         let snapshots = directory.join("snapshots");
-        for path in [&images, &snapshots] {
+        let containers = directory.join("containers");
+        for path in [&images, &snapshots, &containers] {
             fs::create_dir_all(path).map_err(StoreError::io("create", path))?;
         }
         let cache = CacheIndex::open(&directory.join("cache"))?;
@@ -302,6 +304,11 @@ impl Store {
     /// The cache index.
     pub fn cache(&self) -> &CacheIndex {
         &self.cache
+    }
+
+    /// The directory holding the writable layers of `rbuild run` containers.
+    pub fn containers_directory(&self) -> PathBuf {
+        self.directory.join("containers")
     }
 
     /// The directory holding snapshots.

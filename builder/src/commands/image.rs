@@ -20,7 +20,9 @@ pub fn run(root: &Path, command: CommandLine) -> Status {
         Err(error) => return fail(&error),
     };
     match command {
-        CommandLine::Build(_) => unreachable!("build has its own command"),
+        CommandLine::Build(_) | CommandLine::Run(_) => {
+            unreachable!("build and run have their own modules")
+        }
         CommandLine::Images(arguments) => images(&store, arguments.quiet, arguments.format),
         CommandLine::Inspect(arguments) => inspect(&store, &arguments.images),
         CommandLine::Tag(arguments) => tag(&store, &arguments.source, &arguments.target),
@@ -502,6 +504,9 @@ fn prune(store: &Store, all: bool) -> Status {
             }
             if report.snapshots_removed > 0 {
                 eprintln!("Deleted {} snapshots", report.snapshots_removed);
+            }
+            if report.containers_removed > 0 {
+                eprintln!("Deleted {} stopped containers", report.containers_removed);
             }
             eprintln!("Deleted {} blobs", report.blobs_removed);
             println!("Total reclaimed space: {}", human_size(report.bytes_freed));
