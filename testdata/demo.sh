@@ -1,7 +1,8 @@
 #!/bin/sh
 # The README's main job, run from the repository root after `cargo build --release --locked`:
 # make the busybox base image, plan the demo build, save the base image as an OCI archive,
-# and run it with umoci + runc to show the archive is a real, runnable image.
+# run it with umoci + runc to show the archive is a real, runnable image, and run it in
+# rbuild's own sandbox with `rbuild run`.
 #
 # State goes to target/demo-root (override with RBUILD_ROOT).
 set -eu
@@ -31,4 +32,6 @@ umoci unpack --image "$work/layout:latest" "$work/bundle" >/dev/null
 sed -i 's/"terminal": *true/"terminal": false/' "$work/bundle/config.json"
 runc run --bundle "$work/bundle" "rbuild-demo-$$" </dev/null
 runc delete --force "rbuild-demo-$$" 2>/dev/null || true
+echo "== run the base image in rbuild's own sandbox"
+"$rbuild" run --rm --network none busybox sh -c 'echo "hello from rbuild run: $(hostname), pid $$, $(grep CapEff /proc/self/status)"'
 "$rbuild" du

@@ -57,7 +57,7 @@ pub enum CommandLine {
     /// Re-hash every blob and check every image is whole.
     Verify,
     /// Run a command in a new container from an image of the local store.
-    Run(RunArguments),
+    Run(Box<RunArguments>),
 }
 
 /// `rbuild run`.
@@ -362,7 +362,7 @@ pub fn main() -> ExitCode {
         },
         CommandLine::Run(arguments) => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
-            return ExitCode::from(commands::run::run(&root, arguments));
+            return ExitCode::from(commands::run::run(&root, &arguments));
         }
         command => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);

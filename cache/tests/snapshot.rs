@@ -59,14 +59,14 @@ fn layers_become_overlay_lower_directories_and_are_pruned_with_their_image() {
     fs::write(upper.join("etc/app/new"), "two").unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &upper.join("removed"),
+        upper.join("removed"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::empty(),
         rustix::fs::makedev(0, 0),
     )
     .unwrap();
     rustix::fs::setxattr(
-        &upper.join("etc/app"),
+        upper.join("etc/app"),
         "trusted.overlay.opaque",
         b"y",
         rustix::fs::XattrFlags::empty(),
@@ -91,7 +91,7 @@ fn layers_become_overlay_lower_directories_and_are_pruned_with_their_image() {
     assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
     let mut opaque = [0u8; 4];
     let length = rustix::fs::getxattr(
-        &snapshots[1].join("etc/app"),
+        snapshots[1].join("etc/app"),
         "trusted.overlay.opaque",
         &mut opaque,
     )

@@ -544,7 +544,7 @@ pub const CLONE_NAMESPACE_FLAGS: u64 = 0x7E02_0000;
 const AF_VSOCK: u32 = 40;
 
 /// Largest program the kernel accepts (`BPF_MAXINSNS`).
-const MAX_INSTRUCTIONS: usize = 4096;
+pub(crate) const MAX_INSTRUCTIONS: usize = 4096;
 
 /// Bytes per instruction in [`SeccompProgram::to_bytes`].
 const INSTRUCTION_BYTES: usize = 8;
@@ -641,42 +641,10 @@ impl SeccompProgram {
     }
 }
 
-/// `struct sock_fprog` from `linux/filter.h`, pointing at seccompiler's `sock_filter`s (which
-/// mirror `struct sock_filter`, `#[repr(C)]`).
-#[repr(C)]
-struct SocketFilterProgram {
-    length: u16,
-    filter: *const sock_filter,
-}
-
-/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, &program)`.
-#[allow(unsafe_code)]
+/// Installs the filter on the calling thread (no `no_new_privs`; the caller has
+/// `CAP_SYS_ADMIN`). The syscall itself lives in `sys`, with the crate's other `unsafe`.
 fn install_filter(instructions: &[sock_filter]) -> io::Result<()> {
-    let length = u16::try_from(instructions.len())
-        .ok()
-        .filter(|length| (1..=MAX_INSTRUCTIONS as u16).contains(length))
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let program = SocketFilterProgram {
-        length,
-        filter: instructions.as_ptr(),
-    };
-    // SAFETY: `program` is a valid `struct sock_fprog` whose `filter` points at `length`
-    // initialized `#[repr(C)]` instructions borrowed for the whole call; the kernel copies
-    // them (`copy_from_user`) and keeps no pointer into our memory. Flags 0: no TSYNC, so
-    // only the calling thread is affected.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::c_ulong::from(libc::SECCOMP_SET_MODE_FILTER),
-            0 as libc::c_ulong,
-            &raw const program,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sys::seccomp_set_mode_filter(instructions)
 }
 
 static DEFAULT_PROGRAM: OnceLock<Result<SeccompProgram, SeccompError>> = OnceLock::new();

@@ -131,3 +131,40 @@ pub(crate) fn set_interface_up(name: &str) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `struct sock_fprog` from `linux/filter.h`, pointing at seccompiler's `seccompiler::sock_filter`s (which
+/// mirror `struct seccompiler::sock_filter`, `#[repr(C)]`).
+#[repr(C)]
+struct SocketFilterProgram {
+    length: u16,
+    filter: *const seccompiler::sock_filter,
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, &program)`.
+pub(crate) fn seccomp_set_mode_filter(instructions: &[seccompiler::sock_filter]) -> io::Result<()> {
+    let length = u16::try_from(instructions.len())
+        .ok()
+        .filter(|length| (1..=crate::seccomp::MAX_INSTRUCTIONS as u16).contains(length))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let program = SocketFilterProgram {
+        length,
+        filter: instructions.as_ptr(),
+    };
+    // SAFETY: `program` is a valid `struct sock_fprog` whose `filter` points at `length`
+    // initialized `#[repr(C)]` instructions borrowed for the whole call; the kernel copies
+    // them (`copy_from_user`) and keeps no pointer into our memory. Flags 0: no TSYNC, so
+    // only the calling thread is affected.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::c_ulong::from(libc::SECCOMP_SET_MODE_FILTER),
+            0 as libc::c_ulong,
+            &raw const program,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

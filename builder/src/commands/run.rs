@@ -187,141 +187,8 @@ pub fn container_process(
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> serde_json::Value {
-        serde_json::json!({"config": {
-            "Entrypoint": ["/entry"],
-            "Cmd": ["serve", "--port", "80"],
-            "Env": ["PATH=/opt/bin:/bin", "MODE=production", "KEEP=1"],
-            "WorkingDir": "/srv",
-            "User": "app"
-        }})
-    }
-
-    #[test]
-    fn follows_docker_run_rules() {
-        let none = |_: &str| None;
-        let process = container_process(&config(), &ProcessOverrides::default(), none)
-            .unwrap()
-            .unwrap();
-        assert_eq!(process.args, ["/entry", "serve", "--port", "80"]);
-        assert_eq!(process.cwd, "/srv");
-        assert_eq!(process.user, "app");
-        assert_eq!(
-            process.env,
-            ["PATH=/opt/bin:/bin", "MODE=production", "KEEP=1"]
-        );
-
-        let overrides = ProcessOverrides {
-            command: vec!["check".into()],
-            env: vec!["MODE=test".into(), "KEEP".into(), "HOME_SET".into()],
-            workdir: Some("/tmp".into()),
-            user: Some("1000:1000".into()),
-            ..ProcessOverrides::default()
-        };
-        let lookup = |key: &str| (key == "HOME_SET").then(|| "yes".to_string());
-        let process = container_process(&config(), &overrides, lookup)
-            .unwrap()
-            .unwrap();
-        assert_eq!(process.args, ["/entry", "check"]);
-        assert_eq!(
-            process.env,
-            ["PATH=/opt/bin:/bin", "MODE=test", "HOME_SET=yes"]
-        );
-        assert_eq!(
-            (process.cwd.as_str(), process.user.as_str()),
-            ("/tmp", "1000:1000")
-        );
-
-        // --entrypoint drops the image's Cmd; an empty one clears the entrypoint.
-        let overrides = ProcessOverrides {
-            entrypoint: Some("/bin/sh".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            container_process(&config(), &overrides, none)
-                .unwrap()
-                .unwrap()
-                .args,
-            ["/bin/sh"]
-        );
-        let overrides = ProcessOverrides {
-            entrypoint: Some(String::new()),
-            command: vec!["ls".into()],
-            ..Default::default()
-        };
-        assert_eq!(
-            container_process(&config(), &overrides, none)
-                .unwrap()
-                .unwrap()
-                .args,
-            ["ls"]
-        );
-    }
-
-    #[test]
-    fn an_empty_config_gets_a_default_path_and_needs_a_command() {
-        let empty = serde_json::json!({});
-        let none = |_: &str| None;
-        assert_eq!(
-            container_process(&empty, &ProcessOverrides::default(), none).unwrap(),
-            None
-        );
-        let overrides = ProcessOverrides {
-            command: vec!["true".into()],
-            ..Default::default()
-        };
-        let process = container_process(&empty, &overrides, none)
-            .unwrap()
-            .unwrap();
-        assert_eq!(process.env, [format!("PATH={DEFAULT_PATH}")]);
-        assert_eq!((process.cwd.as_str(), process.user.as_str()), ("/", ""));
-    }
-
-    #[test]
-    fn parses_volumes_memory_and_cpus() {
-        assert_eq!(
-            parse_volume("/host/data:/data:ro").unwrap(),
-            Mount::Bind {
-                source: "/host/data".into(),
-                destination: "/data".into(),
-                readonly: true
-            }
-        );
-        assert!(matches!(
-            parse_volume("/a:/b").unwrap(),
-            Mount::Bind {
-                readonly: false,
-                ..
-            }
-        ));
-        for bad in [
-            "data:/data",
-            "/a:b",
-            "/a:/b:rx",
-            "/a",
-            "/a:/b/../c",
-            "/a:/b:ro:x",
-        ] {
-            assert!(parse_volume(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_memory("64m").unwrap(), 64 << 20);
-        assert_eq!(parse_memory("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_memory("512kb").unwrap(), 512 << 10);
-        assert_eq!(parse_memory("1000").unwrap(), 1000);
-        for bad in ["", "m", "-1m", "0", "1t", "lots"] {
-            assert!(parse_memory(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_cpus("1.5").unwrap(), 1.5);
-        assert!(parse_cpus("0").is_err() && parse_cpus("nan").is_err());
-    }
-}
-
 /// Runs `rbuild run` and returns the process's exit code (or rbuild's own failure code).
-pub fn run(root: &std::path::Path, arguments: crate::cli::RunArguments) -> u8 {
+pub fn run(root: &std::path::Path, arguments: &crate::cli::RunArguments) -> u8 {
     use crate::options::Status;
     use rbuild_cache::{Store, snapshot};
     use rbuild_executor::sandbox::{self, RunOptions};
@@ -463,5 +330,138 @@ pub fn run(root: &std::path::Path, arguments: crate::cli::RunArguments) -> u8 {
             code.and_then(|code| u8::try_from(code).ok())
                 .unwrap_or(Status::Failure.code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> serde_json::Value {
+        serde_json::json!({"config": {
+            "Entrypoint": ["/entry"],
+            "Cmd": ["serve", "--port", "80"],
+            "Env": ["PATH=/opt/bin:/bin", "MODE=production", "KEEP=1"],
+            "WorkingDir": "/srv",
+            "User": "app"
+        }})
+    }
+
+    #[test]
+    fn follows_docker_run_rules() {
+        let none = |_: &str| None;
+        let process = container_process(&config(), &ProcessOverrides::default(), none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(process.args, ["/entry", "serve", "--port", "80"]);
+        assert_eq!(process.cwd, "/srv");
+        assert_eq!(process.user, "app");
+        assert_eq!(
+            process.env,
+            ["PATH=/opt/bin:/bin", "MODE=production", "KEEP=1"]
+        );
+
+        let overrides = ProcessOverrides {
+            command: vec!["check".into()],
+            env: vec!["MODE=test".into(), "KEEP".into(), "HOME_SET".into()],
+            workdir: Some("/tmp".into()),
+            user: Some("1000:1000".into()),
+            ..ProcessOverrides::default()
+        };
+        let lookup = |key: &str| (key == "HOME_SET").then(|| "yes".to_string());
+        let process = container_process(&config(), &overrides, lookup)
+            .unwrap()
+            .unwrap();
+        assert_eq!(process.args, ["/entry", "check"]);
+        assert_eq!(
+            process.env,
+            ["PATH=/opt/bin:/bin", "MODE=test", "HOME_SET=yes"]
+        );
+        assert_eq!(
+            (process.cwd.as_str(), process.user.as_str()),
+            ("/tmp", "1000:1000")
+        );
+
+        // --entrypoint drops the image's Cmd; an empty one clears the entrypoint.
+        let overrides = ProcessOverrides {
+            entrypoint: Some("/bin/sh".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            container_process(&config(), &overrides, none)
+                .unwrap()
+                .unwrap()
+                .args,
+            ["/bin/sh"]
+        );
+        let overrides = ProcessOverrides {
+            entrypoint: Some(String::new()),
+            command: vec!["ls".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            container_process(&config(), &overrides, none)
+                .unwrap()
+                .unwrap()
+                .args,
+            ["ls"]
+        );
+    }
+
+    #[test]
+    fn an_empty_config_gets_a_default_path_and_needs_a_command() {
+        let empty = serde_json::json!({});
+        let none = |_: &str| None;
+        assert_eq!(
+            container_process(&empty, &ProcessOverrides::default(), none).unwrap(),
+            None
+        );
+        let overrides = ProcessOverrides {
+            command: vec!["true".into()],
+            ..Default::default()
+        };
+        let process = container_process(&empty, &overrides, none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(process.env, [format!("PATH={DEFAULT_PATH}")]);
+        assert_eq!((process.cwd.as_str(), process.user.as_str()), ("/", ""));
+    }
+
+    #[test]
+    fn parses_volumes_memory_and_cpus() {
+        assert_eq!(
+            parse_volume("/host/data:/data:ro").unwrap(),
+            Mount::Bind {
+                source: "/host/data".into(),
+                destination: "/data".into(),
+                readonly: true
+            }
+        );
+        assert!(matches!(
+            parse_volume("/a:/b").unwrap(),
+            Mount::Bind {
+                readonly: false,
+                ..
+            }
+        ));
+        for bad in [
+            "data:/data",
+            "/a:b",
+            "/a:/b:rx",
+            "/a",
+            "/a:/b/../c",
+            "/a:/b:ro:x",
+        ] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_memory("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("512kb").unwrap(), 512 << 10);
+        assert_eq!(parse_memory("1000").unwrap(), 1000);
+        for bad in ["", "m", "-1m", "0", "1t", "lots"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cpus("1.5").unwrap(), 1.5);
+        assert!(parse_cpus("0").is_err() && parse_cpus("nan").is_err());
     }
 }
