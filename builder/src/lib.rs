@@ -2,12 +2,13 @@
 //! registry client, progress, and the `rbuild` command line.
 //!
 //! It never parses Dockerfile text itself (that is the frontend's) and never touches a
-//! namespace (that is the executor's). Today it plans builds (`rbuild build --dry-run`) against
-//! the local image store and runs the image commands; the solver and sandbox arrive with
-//! their issues.
+//! namespace (that is the executor's). It builds images with a first, sequential solver
+//! (`solver`), plans them (`--dry-run`) against the local image store, and runs the image
+//! commands and `rbuild run`.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod commands;
 pub mod options;
 pub mod resolver;
+pub mod solver;

@@ -45,10 +45,11 @@ pub fn run(options: &BuildOptions) -> Status {
         build_platform: Platform::host(),
     };
     // A dry run reads the store when there is one, and never creates it.
-    let store = if options
-        .root
-        .join(rbuild_cache::store::LAYOUT_VERSION)
-        .is_dir()
+    let store = if !options.dry_run
+        || options
+            .root
+            .join(rbuild_cache::store::LAYOUT_VERSION)
+            .is_dir()
     {
         match Store::open(&options.root) {
             Ok(store) => Some(store),
@@ -69,10 +70,14 @@ pub fn run(options: &BuildOptions) -> Status {
         eprintln!("warning: {warning}");
     }
     if !options.dry_run {
-        eprintln!(
-            "error: rbuild can plan this build but cannot run it yet: the content store, the sandbox and the solver are not built; use --dry-run to see the plan"
+        let store = store.as_ref().expect("opened for a build");
+        return build(
+            options,
+            store,
+            &graph,
+            &display_name,
+            ignore.as_ref().map(|(_, matcher)| matcher),
         );
-        return Status::Failure;
     }
     let plan = Plan::new(&display_name, &graph, ignore.as_ref(), &images);
     let printed = match options.format {
@@ -333,4 +338,108 @@ fn one_line(instruction: &str) -> String {
 
 fn display(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// Runs the build, tags the image and writes the metadata file.
+fn build(
+    options: &BuildOptions,
+    store: &Store,
+    graph: &BuildGraph,
+    display_name: &str,
+    ignore: Option<&IgnoreMatcher>,
+) -> Status {
+    use crate::cli::{NetworkArgument, ProgressArgument};
+    use crate::solver::{self, SolveOptions};
+    if !options.outputs.is_empty() || !options.cache_from.is_empty() || !options.cache_to.is_empty()
+    {
+        eprintln!(
+            "error: -o, --cache-from and --cache-to are not supported yet; the image goes to the local store (-t)"
+        );
+        return Status::Usage;
+    }
+    let source_date_epoch = options
+        .build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .and_then(|text| text.parse::<i64>().ok());
+    let solve_options = SolveOptions {
+        no_cache: options.no_cache,
+        default_network: match options.network {
+            NetworkArgument::None => rbuild_executor::spec::Network::None,
+            NetworkArgument::Default | NetworkArgument::Host => {
+                rbuild_executor::spec::Network::Host
+            }
+        },
+        source_date_epoch,
+        progress: options.progress != ProgressArgument::Quiet,
+    };
+    let tags: Vec<rbuild_cache::Reference> = match options
+        .tags
+        .iter()
+        .map(|tag| rbuild_cache::Reference::parse(tag))
+        .collect()
+    {
+        Ok(tags) => tags,
+        Err(error) => return super::image::fail(&error),
+    };
+    let started = std::time::Instant::now();
+    let result = match solver::solve(
+        store,
+        graph,
+        display_name,
+        &options.context,
+        ignore,
+        &solve_options,
+    ) {
+        Ok(result) => result,
+        Err(error) => {
+            eprintln!("error: {}", super::image::chain_text(&error));
+            return Status::Failure;
+        }
+    };
+    if let Err(error) = solver::tag(store, &result, &tags) {
+        return super::image::fail(&error);
+    }
+    if solve_options.progress {
+        eprintln!(
+            "#{} writing image {}",
+            result.steps.len() + 1,
+            result.image.digest
+        );
+        for tag in &tags {
+            eprintln!("#{} naming to {tag}", result.steps.len() + 1);
+        }
+        eprintln!(
+            "#{} DONE {:.1}s",
+            result.steps.len() + 1,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(path) = &options.metadata_file {
+        let steps: Vec<_> = result
+            .steps
+            .iter()
+            .map(|step| {
+                serde_json::json!({
+                    "instruction": step.instruction,
+                    "file": display_name,
+                    "line": step.line,
+                    "cached": step.cached,
+                    "miss_reason": step.miss_reason,
+                    "duration_s": step.duration,
+                })
+            })
+            .collect();
+        let metadata = serde_json::json!({
+            "image": {"digest": result.image.digest, "config_digest": result.config_digest, "names": options.tags},
+            "steps": steps,
+        });
+        let bytes = serde_json::to_vec_pretty(&metadata).expect("json");
+        if let Err(error) = rbuild_cache::content::write_atomic(path, &bytes) {
+            return super::image::fail(&error);
+        }
+    }
+    println!("{}", result.image.digest);
+    Status::Success
 }

@@ -44,6 +44,11 @@ pub fn fail(error: &dyn Error) -> Status {
     Status::Failure
 }
 
+/// An error with its chain of causes, on one line.
+pub fn chain_text(error: &dyn Error) -> String {
+    chain(error)
+}
+
 fn chain(error: &dyn Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

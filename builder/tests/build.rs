@@ -1,0 +1,377 @@
+//! End-to-end tests of `rbuild build`: real builds in real sandboxes, as root, on contexts
+//! copied from `testdata/`, checked with `rbuild run`, `rbuild inspect` and the metadata file.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+struct TempDirectory(PathBuf);
+
+impl TempDirectory {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("rbuild-build-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("temp directory");
+        Self(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDirectory {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rbuild(root: &Path, arguments: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rbuild"))
+        .arg("--root")
+        .arg(root)
+        .args(arguments)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(Stdio::null())
+        .output()
+        .expect("rbuild runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[track_caller]
+fn succeeds(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+fn busybox_tar() -> &'static Path {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("rbuild-build-busybox-{}.tar", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/busybox-rootfs.sh");
+        let status = Command::new("sh")
+            .arg(&script)
+            .arg(&path)
+            .status()
+            .expect("sh runs");
+        assert!(
+            status.success(),
+            "busybox-rootfs.sh needs Debian's busybox-static"
+        );
+        path
+    })
+}
+
+/// A copy of `testdata/demo` that a test may edit, and a root with busybox imported.
+fn demo(directory: &TempDirectory) -> (PathBuf, PathBuf) {
+    let context = directory.join("demo");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo"))
+        .arg(&context)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = directory.join("root");
+    succeeds(rbuild(
+        &root,
+        &["import", busybox_tar().to_str().unwrap(), "busybox:latest"],
+    ));
+    (context, root)
+}
+
+fn build(root: &Path, context: &Path, metadata: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut arguments = vec![
+        "build",
+        "-t",
+        "demo:v1",
+        "--progress",
+        "plain",
+        "--metadata-file",
+        metadata.to_str().unwrap(),
+    ];
+    arguments.extend_from_slice(extra);
+    arguments.push(context.to_str().unwrap());
+    succeeds(rbuild(root, &arguments));
+    serde_json::from_slice(&fs::read(metadata).unwrap()).unwrap()
+}
+
+/// (instruction's first line, cached) of every step that changes the filesystem.
+fn filesystem_steps(metadata: &serde_json::Value) -> Vec<(String, bool)> {
+    metadata["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|step| {
+            let instruction = step["instruction"].as_str().unwrap();
+            ["RUN", "COPY", "ADD", "WORKDIR"]
+                .iter()
+                .any(|kind| instruction.starts_with(kind))
+        })
+        .map(|step| {
+            let first = step["instruction"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .to_string();
+            (first, step["cached"].as_bool().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn the_demo_builds_runs_and_rebuilds_from_the_cache() {
+    let directory = TempDirectory::new("demo");
+    let (context, root) = demo(&directory);
+    let metadata_path = directory.join("metadata.json");
+    let first = build(&root, &context, &metadata_path, &[]);
+    assert!(
+        filesystem_steps(&first).iter().all(|(_, cached)| !cached),
+        "{first:#}"
+    );
+    assert_eq!(first["image"]["digest"].as_str().unwrap().len(), 71);
+
+    let output = succeeds(rbuild(&root, &["run", "--rm", "demo:v1"]));
+    assert_eq!(output, "HELLO FROM THE RBUILD DEMO\nbuilt by rbuild\n");
+    let image: serde_json::Value =
+        serde_json::from_str(&succeeds(rbuild(&root, &["inspect", "demo:v1"]))).unwrap();
+    assert_eq!(
+        image["config"]["Cmd"],
+        serde_json::json!(["/usr/local/bin/hello"])
+    );
+    assert!(
+        image["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("GREETING_FILE=/usr/share/demo/GREETING"))
+    );
+    assert_eq!(
+        image["config"]["Labels"]["org.opencontainers.image.title"],
+        "rbuild demo"
+    );
+    let history = image["history"].as_array().unwrap();
+    assert!(
+        history.iter().any(|entry| entry["created_by"]
+            == "COPY --chmod=0755 hello.sh /usr/local/bin/hello # buildkit")
+    );
+    let mode = succeeds(rbuild(
+        &root,
+        &[
+            "run",
+            "--rm",
+            "demo:v1",
+            "stat",
+            "-c",
+            "%a %u",
+            "/usr/local/bin/hello",
+        ],
+    ));
+    assert_eq!(mode, "755 0\n");
+
+    // Unchanged: every step is cached, and the image is the same.
+    let second = build(&root, &context, &metadata_path, &[]);
+    assert!(
+        filesystem_steps(&second).iter().all(|(_, cached)| *cached),
+        "{second:#}"
+    );
+    // Touched (mtime only): still every step cached.
+    let status = Command::new("touch")
+        .arg(context.join("greeting.txt"))
+        .arg(context.join("hello.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let third = build(&root, &context, &metadata_path, &[]);
+    assert!(
+        filesystem_steps(&third).iter().all(|(_, cached)| *cached),
+        "{third:#}"
+    );
+
+    // One file edited: exactly the steps that read it and what builds on them re-run.
+    fs::write(context.join("greeting.txt"), "hello again\n").unwrap();
+    let fourth = build(&root, &context, &metadata_path, &[]);
+    let steps = filesystem_steps(&fourth);
+    let expected = [
+        ("WORKDIR /src", true),
+        ("COPY greeting.txt ./", false),
+        ("RUN <<EOF", false),
+        ("RUN echo \"built by rbuild\" > /credits", true),
+        ("COPY --from=build /out/GREETING /usr/share/demo/", false),
+        (
+            "COPY --from=credits /credits /usr/share/demo/credits",
+            false,
+        ),
+        ("COPY --chmod=0755 hello.sh /usr/local/bin/hello", false),
+    ];
+    let expected: Vec<(String, bool)> = expected
+        .iter()
+        .map(|(text, cached)| (text.to_string(), *cached))
+        .collect();
+    assert_eq!(steps, expected);
+    let output = succeeds(rbuild(&root, &["run", "--rm", "demo:v1"]));
+    assert_eq!(output, "HELLO AGAIN\nbuilt by rbuild\n");
+}
+
+#[test]
+fn a_failing_step_names_its_line_and_stops_the_build() {
+    let directory = TempDirectory::new("failing");
+    let (context, root) = demo(&directory);
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox\nRUN echo before\nRUN echo oops >&2; exit 3\nRUN echo never\n",
+    )
+    .unwrap();
+    let output = rbuild(
+        &root,
+        &[
+            "build",
+            "-t",
+            "broken",
+            "--progress",
+            "plain",
+            context.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("Dockerfile:3: RUN echo oops >&2; exit 3: process"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exit code: 3"), "{stderr}");
+    assert!(stderr.contains("oops"), "{stderr}");
+    assert!(!stderr.contains("never\n"), "{stderr}");
+    let missing = rbuild(&root, &["inspect", "broken"]);
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+#[test]
+fn copy_semantics_and_config_instructions() {
+    let directory = TempDirectory::new("copy");
+    let (context, root) = demo(&directory);
+    fs::create_dir_all(context.join("tree/sub")).unwrap();
+    fs::write(context.join("tree/a.txt"), "a\n").unwrap();
+    fs::write(context.join("tree/sub/b.txt"), "b\n").unwrap();
+    fs::write(context.join("one.log"), "ignored\n").unwrap();
+    fs::write(context.join(".dockerignore"), "*.log\n").unwrap();
+    fs::write(
+        context.join("Dockerfile"),
+        r#"FROM busybox AS base
+ENV APP=/app
+WORKDIR $APP
+COPY tree/ ./tree-contents/
+COPY tree /copied-dir
+COPY *.txt /texts/
+COPY --chown=daemon:daemon greeting.txt owned.txt
+USER nobody
+EXPOSE 8080 53/udp
+VOLUME /data
+STOPSIGNAL SIGINT
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["ls"]
+"#,
+    )
+    .unwrap();
+    succeeds(rbuild(
+        &root,
+        &[
+            "build",
+            "-t",
+            "copies",
+            "--progress",
+            "quiet",
+            context.to_str().unwrap(),
+        ],
+    ));
+    let listing = succeeds(rbuild(
+        &root,
+        &[
+            "run",
+            "--rm",
+            "copies",
+            "ls /app/tree-contents /app/tree-contents/sub /copied-dir /texts; stat -c '%U %G' /app/owned.txt; pwd; id -un",
+        ],
+    ));
+    assert_eq!(
+        listing,
+        "/app/tree-contents:\na.txt\nsub\n\n/app/tree-contents/sub:\nb.txt\n\n/copied-dir:\na.txt\nsub\n\n/texts:\ngreeting.txt\ndaemon daemon\n/app\nnobody\n"
+    );
+    let image: serde_json::Value =
+        serde_json::from_str(&succeeds(rbuild(&root, &["inspect", "copies"]))).unwrap();
+    let config = &image["config"];
+    assert_eq!(config["User"], "nobody");
+    assert_eq!(config["WorkingDir"], "/app");
+    assert_eq!(
+        config["ExposedPorts"],
+        serde_json::json!({"8080/tcp": {}, "53/udp": {}})
+    );
+    assert_eq!(config["Volumes"], serde_json::json!({"/data": {}}));
+    assert_eq!(config["StopSignal"], "SIGINT");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    assert_eq!(config["Cmd"], serde_json::json!(["ls"]));
+    // The ignored file is not in the context.
+    fs::write(context.join("Dockerfile"), "FROM busybox\nCOPY one.log /\n").unwrap();
+    let output = rbuild(
+        &root,
+        &["build", "--progress", "quiet", context.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("Dockerfile:2: COPY one.log /"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn source_date_epoch_makes_builds_reproducible_across_roots() {
+    let directory = TempDirectory::new("reproducible");
+    let (context, root) = demo(&directory);
+    let other_root = directory.join("other");
+    succeeds(rbuild(
+        &other_root,
+        &["import", busybox_tar().to_str().unwrap(), "busybox:latest"],
+    ));
+    // The imports differ in their created time: make the base identical with the same epoch.
+    let digests: Vec<String> = [&root, &other_root]
+        .iter()
+        .map(|root| {
+            let output = Command::new(env!("CARGO_BIN_EXE_rbuild"))
+                .arg("--root")
+                .arg(root)
+                .args(["import", busybox_tar().to_str().unwrap(), "busybox:latest"])
+                .env("SOURCE_DATE_EPOCH", "1700000000")
+                .output()
+                .unwrap();
+            succeeds(output);
+            let output = Command::new(env!("CARGO_BIN_EXE_rbuild"))
+                .arg("--root")
+                .arg(root)
+                .args([
+                    "build",
+                    "--progress",
+                    "quiet",
+                    "--build-arg",
+                    "SOURCE_DATE_EPOCH=1700000000",
+                    context.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            succeeds(output).trim().to_string()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+}
