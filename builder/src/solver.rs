@@ -352,10 +352,10 @@ impl Solver<'_> {
         if !env.as_array().is_some_and(|env| {
             env.iter()
                 .any(|item| item.as_str().is_some_and(|item| item.starts_with("PATH=")))
-        })
-            && let Some(env) = env.as_array_mut() {
-                env.insert(0, json!(format!("PATH={DEFAULT_PATH}")));
-            }
+        }) && let Some(env) = env.as_array_mut()
+        {
+            env.insert(0, json!(format!("PATH={DEFAULT_PATH}")));
+        }
         Ok(built)
     }
 

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod cache_index;
 pub mod compression;
 pub mod content;
+pub mod context;
 pub mod digest;
 pub mod gc;
 pub mod layer;

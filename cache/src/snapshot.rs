@@ -168,3 +168,174 @@ pub fn prepare_image(store: &Store, image: &Image) -> Result<Vec<PathBuf>, Snaps
         })
         .collect()
 }
+
+/// A read-only view of stacked snapshots, resolved as overlayfs would merge them (whiteouts
+/// hide, opaque directories cut off the layers below), without mounting anything.
+#[derive(Clone, Debug)]
+pub struct LayerView {
+    /// Snapshot directories, topmost first.
+    layers: Vec<PathBuf>,
+}
+
+/// What a path of a [`LayerView`] is.
+#[derive(Clone, Debug)]
+pub struct ViewEntry {
+    /// The real file in the topmost layer that has it.
+    pub real: PathBuf,
+    /// Its metadata (not following a final symlink).
+    pub metadata: fs::Metadata,
+}
+
+impl LayerView {
+    /// A view of `layers`, topmost first.
+    pub fn new(layers: Vec<PathBuf>) -> Self {
+        Self { layers }
+    }
+
+    /// The entry at `path` (absolute or relative to the root, `/`-separated), following
+    /// symlinks in the parents inside the view (and the final one when `follow`); none when
+    /// absent or hidden by a whiteout.
+    pub fn lookup(&self, path: &str, follow: bool) -> Option<ViewEntry> {
+        let mut components: Vec<String> = Vec::new();
+        let mut pending: Vec<String> = path
+            .split('/')
+            .filter(|part| !part.is_empty() && *part != ".")
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut hops = 0;
+        while let Some(part) = pending.pop() {
+            if part == ".." {
+                components.pop();
+                continue;
+            }
+            components.push(part);
+            let is_last = pending.is_empty();
+            let entry = self.entry(&components)?;
+            if entry.metadata.file_type().is_symlink() && (!is_last || follow) {
+                hops += 1;
+                if hops > 40 {
+                    return None;
+                }
+                let target = fs::read_link(&entry.real).ok()?;
+                let target = target.to_string_lossy().into_owned();
+                components.pop();
+                if target.starts_with('/') {
+                    components.clear();
+                }
+                pending.extend(
+                    target
+                        .split('/')
+                        .filter(|part| !part.is_empty() && *part != ".")
+                        .rev()
+                        .map(str::to_string),
+                );
+            }
+        }
+        if components.is_empty() {
+            let real = self.layers.first()?.clone();
+            let metadata = fs::metadata(&real).ok()?;
+            return Some(ViewEntry { real, metadata });
+        }
+        self.entry(&components)
+    }
+
+    /// The topmost entry for exact components (no symlink resolution).
+    fn entry(&self, components: &[String]) -> Option<ViewEntry> {
+        'layers: for layer in &self.layers {
+            // A whiteout or an opaque directory at any level hides the layers below.
+            let mut directory = layer.clone();
+            for (index, part) in components.iter().enumerate() {
+                let candidate = directory.join(part);
+                match fs::symlink_metadata(&candidate) {
+                    Ok(metadata) if is_whiteout(&metadata) => return None,
+                    Ok(metadata) => {
+                        if index + 1 == components.len() {
+                            return Some(ViewEntry {
+                                real: candidate,
+                                metadata,
+                            });
+                        }
+                        if !metadata.is_dir() {
+                            // A file in an upper layer hides a directory below it.
+                            return None;
+                        }
+                        if is_opaque(&candidate) {
+                            // Below this directory, lower layers do not count.
+                            let rest = &components[index + 1..];
+                            let mut path = candidate.clone();
+                            for part in rest {
+                                path.push(part);
+                            }
+                            return fs::symlink_metadata(&path)
+                                .ok()
+                                .filter(|metadata| !is_whiteout(metadata))
+                                .map(|metadata| ViewEntry {
+                                    real: path,
+                                    metadata,
+                                });
+                        }
+                        directory = candidate;
+                    }
+                    Err(_) => continue 'layers,
+                }
+            }
+        }
+        None
+    }
+
+    /// The names in a directory of the view, merged across layers, sorted. `path` must be
+    /// free of symlinks (resolve it with [`LayerView::lookup`] first).
+    pub fn read_dir(&self, path: &str) -> Vec<String> {
+        let components: Vec<&str> = path
+            .split('/')
+            .filter(|part| !part.is_empty() && *part != ".")
+            .collect();
+        let mut names = std::collections::BTreeMap::new();
+        'layers: for layer in &self.layers {
+            let mut directory = layer.clone();
+            let mut opaque = false;
+            for part in &components {
+                directory.push(part);
+                match fs::symlink_metadata(&directory) {
+                    Ok(metadata) if metadata.is_dir() => opaque |= is_opaque(&directory),
+                    // A whiteout or a file here hides this directory in every lower layer.
+                    Ok(_) => break 'layers,
+                    Err(_) => continue 'layers,
+                }
+            }
+            if let Ok(entries) = fs::read_dir(&directory) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let whiteout = entry
+                        .metadata()
+                        .is_ok_and(|metadata| is_whiteout(&metadata));
+                    names.entry(name).or_insert(!whiteout);
+                }
+            }
+            if opaque || (components.is_empty() && is_opaque(&directory)) {
+                break;
+            }
+        }
+        names
+            .into_iter()
+            .filter(|(_, visible)| *visible)
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+fn is_whiteout(metadata: &fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    metadata.file_type().is_char_device() && metadata.rdev() == 0
+}
+
+fn is_opaque(directory: &Path) -> bool {
+    let mut value = [0u8; 1];
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| {
+            rustix::fs::lgetxattr(directory, *name, &mut value)
+                .is_ok_and(|length| length == 1 && value[0] == b'y')
+        })
+}
