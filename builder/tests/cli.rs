@@ -287,12 +287,14 @@ fn missing_context_or_dockerfile_exits_1() {
 }
 
 #[test]
-fn building_without_dry_run_fails_honestly_for_now() {
+fn a_build_whose_base_image_is_missing_names_the_from_line() {
     let demo = testdata("demo");
     let output = rbuild(&["build", "-t", "demo:v1", demo.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
-        stderr(&output).contains("cannot run it yet"),
+        stderr(&output).contains(
+            "Dockerfile:5: FROM ${BASE} AS build: base image busybox:latest is not in the store"
+        ),
         "{}",
         stderr(&output)
     );
