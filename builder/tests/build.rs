@@ -1,77 +1,13 @@
 //! End-to-end tests of `rbuild build`: real builds in real sandboxes, as root, on contexts
 //! copied from `testdata/`, checked with `rbuild run`, `rbuild inspect` and the metadata file.
 
+mod common;
+
+use common::*;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-
-struct TempDirectory(PathBuf);
-
-impl TempDirectory {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("rbuild-build-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("temp directory");
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDirectory {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rbuild(root: &Path, arguments: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rbuild"))
-        .arg("--root")
-        .arg(root)
-        .args(arguments)
-        .env_remove("SOURCE_DATE_EPOCH")
-        .stdin(Stdio::null())
-        .output()
-        .expect("rbuild runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[track_caller]
-fn succeeds(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status.code(),
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
-fn busybox_tar() -> &'static Path {
-    static TAR: OnceLock<PathBuf> = OnceLock::new();
-    TAR.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("rbuild-build-busybox-{}.tar", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/busybox-rootfs.sh");
-        let status = Command::new("sh")
-            .arg(&script)
-            .arg(&path)
-            .status()
-            .expect("sh runs");
-        assert!(
-            status.success(),
-            "busybox-rootfs.sh needs Debian's busybox-static"
-        );
-        path
-    })
-}
+use std::process::Command;
 
 /// A copy of `testdata/demo` that a test may edit, and a root with busybox imported.
 fn demo(directory: &TempDirectory) -> (PathBuf, PathBuf) {

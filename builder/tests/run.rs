@@ -2,76 +2,13 @@
 //! with their config and the `docker run` flags; and a container's changes become a layer in
 //! which a deleted file is absent.
 
+mod common;
+
+use common::*;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-
-struct TempDirectory(PathBuf);
-
-impl TempDirectory {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("rbuild-run-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("temp directory");
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDirectory {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rbuild(root: &Path, arguments: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rbuild"))
-        .arg("--root")
-        .arg(root)
-        .args(arguments)
-        .stdin(Stdio::null())
-        .output()
-        .expect("rbuild runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[track_caller]
-fn succeeds(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status.code(),
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
-fn busybox_tar() -> &'static Path {
-    static TAR: OnceLock<PathBuf> = OnceLock::new();
-    TAR.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("rbuild-run-busybox-{}.tar", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/busybox-rootfs.sh");
-        let status = Command::new("sh")
-            .arg(&script)
-            .arg(&path)
-            .status()
-            .expect("sh runs");
-        assert!(
-            status.success(),
-            "busybox-rootfs.sh needs Debian's busybox-static"
-        );
-        path
-    })
-}
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 /// A root with busybox imported, plus an image whose config has Entrypoint, Cmd, Env,
 /// WorkingDir and User, loaded from a docker-archive written here.
@@ -115,11 +52,6 @@ fn root_with_images(directory: &TempDirectory) -> PathBuf {
     builder.finish().unwrap();
     succeeds(rbuild(&root, &["load", "-i", archive.to_str().unwrap()]));
     root
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 #[test]

@@ -3,101 +3,14 @@
 //! `load` of what skopeo writes, hostile archives, SIGKILL in the middle of a write, and two
 //! processes sharing a root.
 
+mod common;
+
+use common::*;
+
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-
-/// A temp directory removed when dropped.
-struct TempDirectory(PathBuf);
-
-impl TempDirectory {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("rbuild-store-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("temp directory");
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDirectory {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rbuild(root: &Path, arguments: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rbuild"))
-        .arg("--root")
-        .arg(root)
-        .args(arguments)
-        .env_remove("SOURCE_DATE_EPOCH")
-        .stdin(Stdio::null())
-        .output()
-        .expect("rbuild runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[track_caller]
-fn succeeds(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status.code(),
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
-#[track_caller]
-fn tool(program: &str, arguments: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(arguments)
-        .output()
-        .unwrap_or_else(|error| {
-            panic!("{program} must be installed (CI installs it with apt-get): {error}")
-        });
-    assert!(
-        output.status.success(),
-        "{program} {arguments:?} failed: {}{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
-/// The busybox rootfs tarball, made once per test run by `testdata/busybox-rootfs.sh`.
-fn busybox_tar() -> &'static Path {
-    static TAR: OnceLock<PathBuf> = OnceLock::new();
-    TAR.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("rbuild-busybox-{}.tar", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/busybox-rootfs.sh");
-        tool("sh", &[script.to_str().unwrap(), path.to_str().unwrap()]);
-        path
-    })
-}
-
-fn import_busybox(root: &Path, name: &str) -> String {
-    succeeds(rbuild(
-        root,
-        &["import", busybox_tar().to_str().unwrap(), name],
-    ))
-    .trim()
-    .to_string()
-}
-
-fn inspect(root: &Path, name: &str) -> serde_json::Value {
-    serde_json::from_str(&succeeds(rbuild(root, &["inspect", name]))).expect("inspect prints JSON")
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 #[test]
 fn import_then_images_inspect_tag_rmi_prune() {
@@ -418,11 +331,6 @@ fn load_rejects_an_archive_whose_blob_lies_about_its_digest() {
         text(&output.stderr)
     );
     assert!(!Path::new("/tmp/rbuild-escaped").exists());
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// A tarball holding one large file of incompressible bytes, so that importing it takes long
