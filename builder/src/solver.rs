@@ -195,6 +195,8 @@ pub fn solve(
         },
         results: BTreeMap::new(),
         reports: Vec::new(),
+        current_stage: 0,
+        stage_names: BTreeMap::new(),
     };
     for stage in &graph.stages {
         let built = solver.stage(stage)?;
@@ -232,6 +234,10 @@ struct Solver<'a> {
     progress: Progress,
     results: BTreeMap<usize, Built>,
     reports: Vec<StepReport>,
+    /// The index of the stage being built.
+    current_stage: usize,
+    /// Stage index → display name, for miss reasons.
+    stage_names: BTreeMap<usize, String>,
 }
 
 impl Solver<'_> {
@@ -255,6 +261,8 @@ impl Solver<'_> {
     }
 
     fn stage(&mut self, stage: &Stage) -> Result<Built, SolveError> {
+        self.current_stage = stage.index;
+        self.stage_names.insert(stage.index, stage.display_name());
         let total = stage.steps.len() + 1;
         let label = |position: usize| format!("[{} {position}/{total}]", stage.display_name());
         let started = Instant::now();
@@ -376,21 +384,46 @@ impl Solver<'_> {
                     built.fs_key = key;
                     Outcome::ConfigOnly
                 } else {
-                    self.cached_or(step, built, key, id, |solver, _| solver.workdir_layer(path))?
+                    let fingerprint = self.fingerprint(step, built);
+                    self.cached_or(step, built, key, fingerprint, id, |solver, _| {
+                        solver.workdir_layer(path)
+                    })?
                 }
             }
             Op::Run(run) => {
                 let key = self.key(step, built, &[], None);
                 let layers = built.layers.clone();
-                self.cached_or(step, built, key, id, |solver, id| {
+                let mut fingerprint = self.fingerprint(step, built);
+                fingerprint.env = run
+                    .env
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                self.cached_or(step, built, key, fingerprint, id, |solver, id| {
                     solver.run(step, run, &layers, id)
                 })?
             }
             Op::Copy(copy) => {
-                let (inputs, checksum) = self.copy_inputs(step, copy)?;
+                let (inputs, checksum, files) = self.copy_inputs(step, copy)?;
                 let key = self.key(step, built, &inputs, checksum.as_deref());
                 let layers = built.layers.clone();
-                self.cached_or(step, built, key, id, |solver, _| {
+                let mut fingerprint = self.fingerprint(step, built);
+                fingerprint.files = files;
+                fingerprint.inputs = match &copy.input {
+                    Input::Stage(index) => vec![(
+                        self.stage_names
+                            .get(index)
+                            .cloned()
+                            .unwrap_or_else(|| format!("stage {index}")),
+                        inputs.first().map(Digest::to_string).unwrap_or_default(),
+                    )],
+                    Input::Image(reference) => vec![(
+                        reference.clone(),
+                        inputs.first().map(Digest::to_string).unwrap_or_default(),
+                    )],
+                    Input::Context => Vec::new(),
+                };
+                self.cached_or(step, built, key, fingerprint, id, |solver, _| {
                     solver.copy(step, copy, &layers)
                 })?
             }
@@ -421,14 +454,21 @@ impl Solver<'_> {
     }
 
     /// Reuses the layer recorded under `key`, or makes it with `make` and records it.
+    #[allow(clippy::too_many_arguments)]
     fn cached_or(
         &mut self,
         step: &Step,
         built: &mut Built,
         key: Digest,
+        fingerprint: Fingerprint,
         id: usize,
         make: impl FnOnce(&mut Self, usize) -> Result<Option<LayerRecord>, SolveError>,
     ) -> Result<Outcome, SolveError> {
+        let history = self.history_path(step);
+        let previous: Option<Fingerprint> = fs::read(&history)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+
         let record = if self.options.no_cache {
             None
         } else {
@@ -447,10 +487,10 @@ impl Solver<'_> {
                 let reason = if self.options.no_cache {
                     "--no-cache".to_string()
                 } else {
-                    format!(
-                        "no cache record for {} (this step, what it builds on or what it reads changed)",
-                        key.short()
-                    )
+                    match &previous {
+                        Some(previous) => fingerprint.miss_reason(previous),
+                        None => "no earlier build of this step in this root".to_string(),
+                    }
                 };
                 let layer = make(self, id)?;
                 let record = CacheRecord {
@@ -466,6 +506,12 @@ impl Solver<'_> {
                 (layer, Outcome::Ran(reason))
             }
         };
+        // Remembered only once the step succeeded, so the next miss compares with a build
+        // that worked.
+        if previous.as_ref() != Some(&fingerprint) {
+            let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
+            let _ = rbuild_cache::content::write_atomic(&history, &bytes);
+        }
         match layer {
             Some(layer) => {
                 push_diff_id(&mut built.config, &layer.diff_id);
@@ -478,6 +524,31 @@ impl Solver<'_> {
         built.fs_key = key;
         let _ = step;
         Ok(outcome)
+    }
+
+    /// Where the fingerprint of this step's last build is kept: one file per context,
+    /// Dockerfile, stage and position.
+    fn history_path(&self, step: &Step) -> PathBuf {
+        let context = fs::canonicalize(self.context).unwrap_or_else(|_| self.context.to_path_buf());
+        let identity = format!(
+            "{}\0{}\0{}\0{}",
+            context.display(),
+            self.dockerfile_name,
+            self.current_stage,
+            step.location.start_line
+        );
+        let directory = self.store.directory().join("step-history");
+        let _ = fs::create_dir_all(&directory);
+        directory.join(format!("{}.json", Digest::of(identity.as_bytes()).hex()))
+    }
+
+    fn fingerprint(&self, step: &Step, built: &Built) -> Fingerprint {
+        Fingerprint {
+            instruction: step.instruction.clone(),
+            definition: step.definition_digest.clone(),
+            parent: built.fs_key.to_string(),
+            ..Fingerprint::default()
+        }
     }
 
     fn view(&self, built: &Built) -> Result<LayerView, SolveError> {
@@ -666,7 +737,7 @@ impl Solver<'_> {
         &self,
         step: &Step,
         copy: &CopyOp,
-    ) -> Result<(Vec<Digest>, Option<String>), SolveError> {
+    ) -> Result<(Vec<Digest>, Option<String>, BTreeMap<String, String>), SolveError> {
         if copy.is_add && copy.sources.iter().any(|source| source.contains("://")) {
             return Err(self.step_error(step, "ADD of URLs is not supported yet"));
         }
@@ -681,7 +752,11 @@ impl Solver<'_> {
                         .iter()
                         .map(|(name, data)| format!("{name}\0{data}\0"))
                         .collect();
-                    return Ok((Vec::new(), Some(Digest::of(inline.as_bytes()).to_string())));
+                    return Ok((
+                        Vec::new(),
+                        Some(Digest::of(inline.as_bytes()).to_string()),
+                        BTreeMap::new(),
+                    ));
                 }
                 let selection = rbuild_cache::context::select(
                     self.context,
@@ -693,21 +768,33 @@ impl Solver<'_> {
                 .map_err(|error| {
                     self.step_error(step, crate::commands::image::chain_text(&error))
                 })?;
-                Ok((Vec::new(), Some(selection.digest)))
+                let files = selection
+                    .files
+                    .iter()
+                    .map(|file| {
+                        let content = match &file.kind {
+                            FileKind::File => file.hash.map(hex_of).unwrap_or_default(),
+                            FileKind::Symlink { target } => format!("-> {target}"),
+                            other => format!("{other:?}"),
+                        };
+                        (file.path.clone(), format!("{:o} {content}", file.mode))
+                    })
+                    .collect();
+                Ok((Vec::new(), Some(selection.digest), files))
             }
             Input::Stage(index) => {
                 let built = self
                     .results
                     .get(index)
                     .expect("earlier stages are built first");
-                Ok((vec![built.fs_key.clone()], None))
+                Ok((vec![built.fs_key.clone()], None, BTreeMap::new()))
             }
             Input::Image(reference) => {
                 let images = crate::resolver::StoreImages::new(Some(self.store));
                 let image = images.lookup(reference).ok_or_else(|| {
                     self.step_error(step, format!("image {reference} is not in the store"))
                 })?;
-                Ok((vec![image.target.digest.clone()], None))
+                Ok((vec![image.target.digest.clone()], None, BTreeMap::new()))
             }
         }
     }
@@ -987,6 +1074,111 @@ enum Outcome {
     Cached,
     Ran(String),
     ConfigOnly,
+}
+
+/// What went into a step's cache key, kept per step (by context, Dockerfile, stage and
+/// position) so that a miss can say what changed since the last build.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Fingerprint {
+    instruction: String,
+    definition: String,
+    parent: String,
+    /// (stage or image name, key) of what the step reads besides its parent.
+    inputs: Vec<(String, String)>,
+    /// RUN's environment (build args and ENV).
+    env: Vec<String>,
+    /// Context files read: path → mode and content hash (or link target).
+    files: BTreeMap<String, String>,
+}
+
+impl Fingerprint {
+    /// Why `self` (now) misses where `previous` was built.
+    fn miss_reason(&self, previous: &Fingerprint) -> String {
+        let list = |names: Vec<&String>| {
+            let shown: Vec<&str> = names.iter().take(5).map(|name| name.as_str()).collect();
+            let more = names.len().saturating_sub(5);
+            if more > 0 {
+                format!("{} and {more} more", shown.join(", "))
+            } else {
+                shown.join(", ")
+            }
+        };
+        if self.instruction != previous.instruction {
+            return format!(
+                "the instruction changed (was: {})",
+                previous.instruction.lines().next().unwrap_or_default()
+            );
+        }
+        let changed_files: Vec<&String> = self
+            .files
+            .iter()
+            .filter(|(path, fingerprint)| {
+                previous
+                    .files
+                    .get(*path)
+                    .is_some_and(|old| old != *fingerprint)
+            })
+            .map(|(path, _)| path)
+            .collect();
+        let added: Vec<&String> = self
+            .files
+            .keys()
+            .filter(|path| !previous.files.contains_key(*path))
+            .collect();
+        let removed: Vec<&String> = previous
+            .files
+            .keys()
+            .filter(|path| !self.files.contains_key(*path))
+            .collect();
+        let mut reasons = Vec::new();
+        if !changed_files.is_empty() {
+            reasons.push(format!("file changed: {}", list(changed_files)));
+        }
+        if !added.is_empty() {
+            reasons.push(format!("file added: {}", list(added)));
+        }
+        if !removed.is_empty() {
+            reasons.push(format!("file removed: {}", list(removed)));
+        }
+        if !reasons.is_empty() {
+            return reasons.join("; ");
+        }
+        if self.env != previous.env {
+            let name = |item: &String| {
+                item.split_once('=')
+                    .map_or(item.clone(), |(name, _)| name.to_string())
+            };
+            let mut names: Vec<String> = self
+                .env
+                .iter()
+                .filter(|item| !previous.env.contains(item))
+                .chain(previous.env.iter().filter(|item| !self.env.contains(item)))
+                .map(name)
+                .collect();
+            names.sort();
+            names.dedup();
+            return format!(
+                "build argument or environment changed: {}",
+                names.join(", ")
+            );
+        }
+        if self.definition != previous.definition {
+            return "the instruction's expansion changed (a variable, WORKDIR, USER, SHELL or --network)".to_string();
+        }
+        let changed_inputs: Vec<&String> = self
+            .inputs
+            .iter()
+            .filter(|input| !previous.inputs.contains(input))
+            .map(|(name, _)| name)
+            .collect();
+        if !changed_inputs.is_empty() {
+            return format!("what it copies from changed: {}", list(changed_inputs));
+        }
+        if self.parent != previous.parent {
+            return "the step it builds on changed".to_string();
+        }
+        "its cache record is gone (pruned)".to_string()
+    }
 }
 
 fn set_config(built: &mut Built, key: &str, value: Value) {
@@ -1311,6 +1503,10 @@ fn resolved_path(view: &LayerView, path: &str) -> String {
     } else {
         resolved
     }
+}
+
+fn hex_of(bytes: [u8; 32]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Tags the result and prints where it went.

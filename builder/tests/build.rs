@@ -157,8 +157,55 @@ fn the_demo_builds_runs_and_rebuilds_from_the_cache() {
         .map(|(text, cached)| (text.to_string(), *cached))
         .collect();
     assert_eq!(steps, expected);
+    let reason = |instruction: &str| {
+        fourth["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|step| {
+                step["instruction"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(instruction)
+            })
+            .unwrap()["miss_reason"]
+            .clone()
+    };
+    assert_eq!(reason("COPY greeting.txt"), "file changed: greeting.txt");
+    assert_eq!(reason("RUN <<EOF"), "the step it builds on changed");
+    assert_eq!(
+        reason("COPY --from=build"),
+        "what it copies from changed: build"
+    );
+    assert_eq!(reason("COPY --chmod"), "the step it builds on changed");
+    assert_eq!(reason("WORKDIR"), serde_json::Value::Null);
     let output = succeeds(rbuild(&root, &["run", "--rm", "demo:v1"]));
     assert_eq!(output, "HELLO AGAIN\nbuilt by rbuild\n");
+
+    // A build argument that a RUN sees: its miss names the argument.
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox\nARG FLAVOUR=plain\nRUN echo $FLAVOUR > /flavour\n",
+    )
+    .unwrap();
+    build(&root, &context, &metadata_path, &[]);
+    let changed = build(
+        &root,
+        &context,
+        &metadata_path,
+        &["--build-arg", "FLAVOUR=spicy"],
+    );
+    let run = changed["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["instruction"].as_str().unwrap().starts_with("RUN"))
+        .unwrap();
+    assert_eq!(run["cached"], false);
+    assert_eq!(
+        run["miss_reason"],
+        "build argument or environment changed: FLAVOUR"
+    );
 }
 
 #[test]
