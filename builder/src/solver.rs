@@ -404,7 +404,11 @@ impl Solver<'_> {
                 })?
             }
             Op::Copy(copy) => {
-                let (inputs, checksum, files) = self.copy_inputs(step, copy)?;
+                let CopyInputs {
+                    stages: inputs,
+                    checksum,
+                    files,
+                } = self.copy_inputs(step, copy)?;
                 let key = self.key(step, built, &inputs, checksum.as_deref());
                 let layers = built.layers.clone();
                 let mut fingerprint = self.fingerprint(step, built);
@@ -733,11 +737,7 @@ impl Solver<'_> {
     }
 
     /// The stage keys and content checksum a COPY reads.
-    fn copy_inputs(
-        &self,
-        step: &Step,
-        copy: &CopyOp,
-    ) -> Result<(Vec<Digest>, Option<String>, BTreeMap<String, String>), SolveError> {
+    fn copy_inputs(&self, step: &Step, copy: &CopyOp) -> Result<CopyInputs, SolveError> {
         if copy.is_add && copy.sources.iter().any(|source| source.contains("://")) {
             return Err(self.step_error(step, "ADD of URLs is not supported yet"));
         }
@@ -752,11 +752,10 @@ impl Solver<'_> {
                         .iter()
                         .map(|(name, data)| format!("{name}\0{data}\0"))
                         .collect();
-                    return Ok((
-                        Vec::new(),
-                        Some(Digest::of(inline.as_bytes()).to_string()),
-                        BTreeMap::new(),
-                    ));
+                    return Ok(CopyInputs {
+                        checksum: Some(Digest::of(inline.as_bytes()).to_string()),
+                        ..CopyInputs::default()
+                    });
                 }
                 let selection = rbuild_cache::context::select(
                     self.context,
@@ -780,21 +779,31 @@ impl Solver<'_> {
                         (file.path.clone(), format!("{:o} {content}", file.mode))
                     })
                     .collect();
-                Ok((Vec::new(), Some(selection.digest), files))
+                Ok(CopyInputs {
+                    checksum: Some(selection.digest),
+                    files,
+                    ..CopyInputs::default()
+                })
             }
             Input::Stage(index) => {
                 let built = self
                     .results
                     .get(index)
                     .expect("earlier stages are built first");
-                Ok((vec![built.fs_key.clone()], None, BTreeMap::new()))
+                Ok(CopyInputs {
+                    stages: vec![built.fs_key.clone()],
+                    ..CopyInputs::default()
+                })
             }
             Input::Image(reference) => {
                 let images = crate::resolver::StoreImages::new(Some(self.store));
                 let image = images.lookup(reference).ok_or_else(|| {
                     self.step_error(step, format!("image {reference} is not in the store"))
                 })?;
-                Ok((vec![image.target.digest.clone()], None, BTreeMap::new()))
+                Ok(CopyInputs {
+                    stages: vec![image.target.digest.clone()],
+                    ..CopyInputs::default()
+                })
             }
         }
     }
@@ -1074,6 +1083,17 @@ enum Outcome {
     Cached,
     Ran(String),
     ConfigOnly,
+}
+
+/// What a COPY reads, for its cache key.
+#[derive(Default)]
+struct CopyInputs {
+    /// Keys of the stage or image it copies from.
+    stages: Vec<Digest>,
+    /// The checksum of the context files it selects.
+    checksum: Option<String>,
+    /// Those files: path → mode and content hash.
+    files: BTreeMap<String, String>,
 }
 
 /// What went into a step's cache key, kept per step (by context, Dockerfile, stage and
