@@ -1,7 +1,8 @@
 //! The solver: runs a planned build graph and produces an image in the store.
 //!
-//! Stages run in Dockerfile order (stage references only point backwards, so this is a
-//! dependency order); the steps of a stage run one after another. Every step that changes the
+//! Each stage starts as soon as the stages it needs are done, up to `jobs` at once, on scoped
+//! threads; the steps of a stage run one after another. The first failure stops the build:
+//! nothing new starts and running sandboxes are killed. Every step that changes the
 //! filesystem has a cache key: the sha256 of its definition digest (the instruction after
 //! expansion, with its env, user, workdir, shell, network), the key of the filesystem it builds
 //! on, the final keys of the stages it reads, and for COPY/ADD from the context the content
@@ -9,14 +10,15 @@
 //! reuses its layer; otherwise the step runs (RUN in the sandbox, COPY by copying into a fresh
 //! directory) and its layer is committed and recorded.
 //!
-//! This first solver is sequential; parallel stages on tokio, `RUN --mount`, ADD of archives
-//! and URLs, and the exporters are the rest of the solver issue.
+//! Scheduling on tokio, identical steps running once, `RUN --mount`, ADD of archives and URLs,
+//! and the exporters are the rest of the solver issue.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -45,6 +47,8 @@ pub struct SolveOptions {
     pub source_date_epoch: Option<i64>,
     /// Print BuildKit-like plain progress to stderr.
     pub progress: bool,
+    /// How many stages may build at once.
+    pub jobs: usize,
 }
 
 /// What happened to one step.
@@ -82,6 +86,9 @@ pub enum SolveError {
         /// `Dockerfile:LINE: INSTRUCTION: problem`.
         message: String,
     },
+    /// Another stage failed first, and this one was stopped.
+    #[error("cancelled because another step failed")]
+    Cancelled,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] rbuild_cache::StoreError),
@@ -129,6 +136,8 @@ struct Built {
     fs_key: Digest,
     /// Whether CMD was set in this stage (ENTRYPOINT then keeps it).
     cmd_set: bool,
+    /// The stage being built.
+    stage_index: usize,
 }
 
 /// Adapts `.dockerignore` to the context walker, with fsutil's walk rule (what BuildKit uses).
@@ -182,7 +191,7 @@ pub fn solve(
     options: &SolveOptions,
 ) -> Result<BuildResult, SolveError> {
     let stat_cache = StatCache::load(&stat_cache_path(store, context));
-    let mut solver = Solver {
+    let solver = Solver {
         store,
         dockerfile_name,
         context,
@@ -193,26 +202,29 @@ pub fn solve(
             enabled: options.progress,
             counter: Arc::default(),
         },
-        results: BTreeMap::new(),
-        reports: Vec::new(),
-        current_stage: 0,
-        stage_names: BTreeMap::new(),
+        results: Mutex::default(),
+        stage_names: graph
+            .stages
+            .iter()
+            .map(|stage| (stage.index, stage.display_name()))
+            .collect(),
+        failed: AtomicBool::new(false),
+        running: Mutex::default(),
     };
-    for stage in &graph.stages {
-        let built = solver.stage(stage)?;
-        solver.results.insert(stage.index, built);
-    }
+    let reports = solver.run_stages(graph, options.jobs.max(1))?;
     let _ = stat_cache.save();
     let target = graph.target_stage();
     let built = solver
         .results
+        .lock()
+        .unwrap_or_else(|error| error.into_inner())
         .remove(&target.index)
         .expect("the target stage was built");
     let (image, config_digest) = solver.write_image(built)?;
     Ok(BuildResult {
         image,
         config_digest,
-        steps: solver.reports,
+        steps: reports,
     })
 }
 
@@ -232,15 +244,94 @@ struct Solver<'a> {
     stat_cache: &'a StatCache,
     options: &'a SolveOptions,
     progress: Progress,
-    results: BTreeMap<usize, Built>,
-    reports: Vec<StepReport>,
-    /// The index of the stage being built.
-    current_stage: usize,
+    /// Results of finished stages, shared by the threads building stages.
+    results: Mutex<BTreeMap<usize, Built>>,
     /// Stage index → display name, for miss reasons.
     stage_names: BTreeMap<usize, String>,
+    /// Set by the first failure: nothing new starts, and running sandboxes are killed.
+    failed: AtomicBool,
+    /// The sandboxes running now.
+    running: Mutex<Vec<sandbox::Canceller>>,
 }
 
 impl Solver<'_> {
+    /// Builds every stage, each as soon as the stages it needs are done, at most `jobs` at
+    /// once, on scoped threads. The first failure stops new work and kills running sandboxes;
+    /// it is the error returned. Reports come back in stage order.
+    fn run_stages(&self, graph: &BuildGraph, jobs: usize) -> Result<Vec<StepReport>, SolveError> {
+        let needs: BTreeMap<usize, Vec<usize>> = graph
+            .stages
+            .iter()
+            .map(|stage| (stage.index, stage_dependencies(stage)))
+            .collect();
+        let mut reports: BTreeMap<usize, Vec<StepReport>> = BTreeMap::new();
+        let mut failure: Option<SolveError> = None;
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let mut started = std::collections::BTreeSet::new();
+            let mut running = 0;
+            loop {
+                if failure.is_none() {
+                    for stage in &graph.stages {
+                        let ready = needs[&stage.index]
+                            .iter()
+                            .all(|need| reports.contains_key(need));
+                        if running < jobs && ready && started.insert(stage.index) {
+                            running += 1;
+                            let sender = sender.clone();
+                            scope.spawn(move || {
+                                let _ = sender.send((stage.index, self.stage(stage)));
+                            });
+                        }
+                    }
+                }
+                if running == 0 {
+                    break;
+                }
+                let (index, result) = receiver.recv().expect("a stage thread always reports");
+                running -= 1;
+                match result {
+                    Ok((built, stage_reports)) => {
+                        self.results
+                            .lock()
+                            .unwrap_or_else(|error| error.into_inner())
+                            .insert(index, built);
+                        reports.insert(index, stage_reports);
+                    }
+                    Err(SolveError::Cancelled) => {}
+                    Err(error) => {
+                        if failure.is_none() {
+                            self.failed.store(true, Ordering::SeqCst);
+                            for canceller in self
+                                .running
+                                .lock()
+                                .unwrap_or_else(|error| error.into_inner())
+                                .iter()
+                            {
+                                canceller.cancel();
+                            }
+                            failure = Some(error);
+                        }
+                    }
+                }
+            }
+        });
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(reports.into_values().flatten().collect()),
+        }
+    }
+
+    /// A finished stage's result.
+    fn result_of(&self, index: usize) -> Built {
+        self.results
+            .lock()
+            .unwrap_or_else(|error| error.into_inner())
+            .get(&index)
+            .cloned()
+            .expect("stages run after the stages they need")
+    }
+
     fn step_error(&self, step: &Step, problem: impl std::fmt::Display) -> SolveError {
         SolveError::Step {
             message: format!(
@@ -260,9 +351,8 @@ impl Solver<'_> {
         rbuild_cache::time::rfc3339(seconds)
     }
 
-    fn stage(&mut self, stage: &Stage) -> Result<Built, SolveError> {
-        self.current_stage = stage.index;
-        self.stage_names.insert(stage.index, stage.display_name());
+    fn stage(&self, stage: &Stage) -> Result<(Built, Vec<StepReport>), SolveError> {
+        let mut reports = Vec::new();
         let total = stage.steps.len() + 1;
         let label = |position: usize| format!("[{} {position}/{total}]", stage.display_name());
         let started = Instant::now();
@@ -270,7 +360,7 @@ impl Solver<'_> {
         let mut built = self.base(stage)?;
         self.progress
             .line(id, &format!("DONE {:.1}s", started.elapsed().as_secs_f64()));
-        self.reports.push(StepReport {
+        reports.push(StepReport {
             instruction: stage.from_instruction.clone(),
             line: stage.location.start_line,
             cached: true,
@@ -278,6 +368,9 @@ impl Solver<'_> {
             duration: started.elapsed().as_secs_f64(),
         });
         for (index, step) in stage.steps.iter().enumerate() {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(SolveError::Cancelled);
+            }
             let started = Instant::now();
             let id = self.progress.start(&label(index + 2), &step.instruction);
             let outcome = self.step(step, &mut built, id)?;
@@ -286,7 +379,7 @@ impl Solver<'_> {
                 Outcome::Cached => self.progress.line(id, "CACHED"),
                 _ => self.progress.line(id, &format!("DONE {duration:.1}s")),
             }
-            self.reports.push(StepReport {
+            reports.push(StepReport {
                 instruction: step.instruction.clone(),
                 line: step.location.start_line,
                 cached: matches!(outcome, Outcome::Cached | Outcome::ConfigOnly),
@@ -297,7 +390,7 @@ impl Solver<'_> {
                 duration,
             });
         }
-        Ok(built)
+        Ok((built, reports))
     }
 
     fn base(&self, stage: &Stage) -> Result<Built, SolveError> {
@@ -307,14 +400,12 @@ impl Solver<'_> {
                 config: json!({"architecture": stage.platform.architecture, "os": stage.platform.os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
                 fs_key: Digest::of(b"scratch"),
                 cmd_set: false,
+                stage_index: stage.index,
             },
             Base::Stage(index) => {
-                let mut built = self
-                    .results
-                    .get(index)
-                    .cloned()
-                    .expect("earlier stages are built first");
+                let mut built = self.result_of(*index);
                 built.cmd_set = false;
+                built.stage_index = stage.index;
                 built
             }
             Base::Image(reference) => {
@@ -345,6 +436,7 @@ impl Solver<'_> {
                     config,
                     fs_key: image.target.digest.clone(),
                     cmd_set: false,
+                    stage_index: stage.index,
                 }
             }
         };
@@ -367,7 +459,7 @@ impl Solver<'_> {
         Ok(built)
     }
 
-    fn step(&mut self, step: &Step, built: &mut Built, id: usize) -> Result<Outcome, SolveError> {
+    fn step(&self, step: &Step, built: &mut Built, id: usize) -> Result<Outcome, SolveError> {
         let outcome = match &step.op {
             Op::Config(change) => {
                 apply_config(built, change);
@@ -460,15 +552,15 @@ impl Solver<'_> {
     /// Reuses the layer recorded under `key`, or makes it with `make` and records it.
     #[allow(clippy::too_many_arguments)]
     fn cached_or(
-        &mut self,
+        &self,
         step: &Step,
         built: &mut Built,
         key: Digest,
         fingerprint: Fingerprint,
         id: usize,
-        make: impl FnOnce(&mut Self, usize) -> Result<Option<LayerRecord>, SolveError>,
+        make: impl FnOnce(&Self, usize) -> Result<Option<LayerRecord>, SolveError>,
     ) -> Result<Outcome, SolveError> {
-        let history = self.history_path(step);
+        let history = self.history_path(step, built.stage_index);
         let previous: Option<Fingerprint> = fs::read(&history)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
@@ -532,13 +624,13 @@ impl Solver<'_> {
 
     /// Where the fingerprint of this step's last build is kept: one file per context,
     /// Dockerfile, stage and position.
-    fn history_path(&self, step: &Step) -> PathBuf {
+    fn history_path(&self, step: &Step, stage_index: usize) -> PathBuf {
         let context = fs::canonicalize(self.context).unwrap_or_else(|_| self.context.to_path_buf());
         let identity = format!(
             "{}\0{}\0{}\0{}",
             context.display(),
             self.dockerfile_name,
-            self.current_stage,
+            stage_index,
             step.location.start_line
         );
         let directory = self.store.directory().join("step-history");
@@ -712,7 +804,24 @@ impl Solver<'_> {
             .map_err(|error| self.step_error(step, crate::commands::image::chain_text(&error)))?;
         run_options.stdout = output(self.progress.clone(), tail.clone());
         run_options.stderr = output(self.progress.clone(), tail.clone());
+        let canceller = sandbox::Canceller::new();
+        run_options.canceller = Some(canceller.clone());
+        self.running
+            .lock()
+            .unwrap_or_else(|error| error.into_inner())
+            .push(canceller.clone());
+        if self.failed.load(Ordering::SeqCst) {
+            canceller.cancel();
+        }
         let result = sandbox::run(&spec, run_options);
+        self.running
+            .lock()
+            .unwrap_or_else(|error| error.into_inner())
+            .retain(|running| !running.same_as(&canceller));
+        if self.failed.load(Ordering::SeqCst) {
+            let _ = fs::remove_dir_all(&scratch);
+            return Err(SolveError::Cancelled);
+        }
         let outcome = match result {
             Ok(result) if result.success() => self.layer_from(&upper, LayerSource::OverlayUpper),
             Ok(result) => {
@@ -786,10 +895,7 @@ impl Solver<'_> {
                 })
             }
             Input::Stage(index) => {
-                let built = self
-                    .results
-                    .get(index)
-                    .expect("earlier stages are built first");
+                let built = self.result_of(*index);
                 Ok(CopyInputs {
                     stages: vec![built.fs_key.clone()],
                     ..CopyInputs::default()
@@ -904,7 +1010,7 @@ impl Solver<'_> {
             }
             Input::Stage(_) | Input::Image(_) => {
                 let view = match &copy.input {
-                    Input::Stage(index) => self.view(self.results.get(index).expect("built"))?,
+                    Input::Stage(index) => self.view(&self.result_of(*index))?,
                     Input::Image(reference) => {
                         let images = crate::resolver::StoreImages::new(Some(self.store));
                         let image = images.lookup(reference).ok_or_else(|| {
@@ -1199,6 +1305,24 @@ impl Fingerprint {
         }
         "its cache record is gone (pruned)".to_string()
     }
+}
+
+/// The stages a stage needs finished first: its base and what it copies from.
+fn stage_dependencies(stage: &Stage) -> Vec<usize> {
+    let mut needs = Vec::new();
+    if let Base::Stage(index) = stage.base {
+        needs.push(index);
+    }
+    for step in &stage.steps {
+        if let Op::Copy(CopyOp {
+            input: Input::Stage(index),
+            ..
+        }) = &step.op
+        {
+            needs.push(*index);
+        }
+    }
+    needs
 }
 
 fn set_config(built: &mut Built, key: &str, value: Value) {

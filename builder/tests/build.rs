@@ -358,3 +358,72 @@ fn source_date_epoch_makes_builds_reproducible_across_roots() {
         .collect();
     assert_eq!(digests[0], digests[1]);
 }
+
+#[test]
+fn independent_stages_build_at_the_same_time() {
+    let directory = TempDirectory::new("parallel");
+    let (context, root) = demo(&directory);
+    // The two stages can only both finish if they run at once: one listens on a loopback port
+    // (for at most 60 s) and stores what it receives, the other connects to it until it
+    // answers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM busybox AS listener\n\
+             RUN --network=host timeout 60 nc -l -p {port} -e sh -c 'cat > /received'\n\
+             FROM busybox AS talker\n\
+             RUN --network=host sh -c 'until echo hello | nc 127.0.0.1 {port}; do sleep 0.1; done'\n\
+             FROM busybox\n\
+             COPY --from=listener /received /received\n\
+             COPY --from=talker /etc/hostname /talker-ran\n"
+        ),
+    )
+    .unwrap();
+    succeeds(rbuild(
+        &root,
+        &[
+            "build",
+            "-t",
+            "parallel",
+            "--progress",
+            "plain",
+            context.to_str().unwrap(),
+        ],
+    ));
+    let output = succeeds(rbuild(
+        &root,
+        &["run", "--rm", "parallel", "cat", "/received"],
+    ));
+    assert_eq!(output, "hello\n");
+}
+
+#[test]
+fn the_first_failure_stops_the_other_stages() {
+    let directory = TempDirectory::new("cancel");
+    let (context, root) = demo(&directory);
+    // The slow stage would run for 10 minutes; the failing one ends the build long before.
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox AS slow\nRUN sleep 600\nFROM busybox AS failing\nRUN exit 7\nFROM busybox\nCOPY --from=slow / /slow\nCOPY --from=failing / /failing\n",
+    )
+    .unwrap();
+    let output = rbuild(
+        &root,
+        &["build", "--progress", "plain", context.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("Dockerfile:4: RUN exit 7"), "{stderr}");
+    assert!(
+        !stderr.contains("cancelled because another step failed"),
+        "the first failure is reported: {stderr}"
+    );
+    // Nothing of the killed step is left behind.
+    let leftovers: Vec<_> = fs::read_dir(root.join("v1/containers")).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

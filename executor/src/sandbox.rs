@@ -116,6 +116,11 @@ impl Canceller {
         }
     }
 
+    /// Whether two cancellers are the same one (clones of each other).
+    pub fn same_as(&self, other: &Canceller) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+
     /// Whether [`cancel`](Self::cancel) was called.
     pub fn is_cancelled(&self) -> bool {
         self.state.cancelled.load(Ordering::SeqCst)
