@@ -44,31 +44,8 @@ impl ImageResolver for StoreImages<'_> {
             return None;
         }
         let section = &config["config"];
-        let strings = |value: &serde_json::Value| -> Vec<String> {
-            value
-                .as_array()
-                .map(|items| {
-                    items
-                        .iter()
-                        .filter_map(|item| item.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let non_empty = |value: &serde_json::Value| {
-            value
-                .as_str()
-                .filter(|text| !text.is_empty())
-                .map(str::to_string)
-        };
         Some(BaseImageConfig {
-            env: strings(&section["Env"])
-                .into_iter()
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, value)) => (key.to_string(), value.to_string()),
-                    None => (pair, String::new()),
-                })
-                .collect(),
+            env: env_pairs(&section["Env"]),
             working_dir: non_empty(&section["WorkingDir"]),
             user: non_empty(&section["User"]),
             shell: section["Shell"]
@@ -77,4 +54,36 @@ impl ImageResolver for StoreImages<'_> {
             onbuild: strings(&section["OnBuild"]),
         })
     }
+}
+
+/// The strings of a JSON array in an image config (`Cmd`, `Env`, ...); anything else is empty.
+pub fn strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An image config's `Env` as (name, value) pairs; an entry without `=` has an empty value.
+pub fn env_pairs(value: &serde_json::Value) -> Vec<(String, String)> {
+    strings(value)
+        .into_iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) => (key.to_string(), value.to_string()),
+            None => (pair, String::new()),
+        })
+        .collect()
+}
+
+/// A string field of an image config, when set and not empty.
+pub fn non_empty(value: &serde_json::Value) -> Option<String> {
+    value
+        .as_str()
+        .filter(|text| !text.is_empty())
+        .map(str::to_string)
 }

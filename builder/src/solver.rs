@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rbuild_cache::cache_index::CacheRecord;
-use rbuild_cache::context::{ContextFilter, FileKind, StatCache};
+use rbuild_cache::context::{ContextFilter, FileKind, Selection, StatCache};
 use rbuild_cache::layer::{LayerOptions, LayerSource, create_layer};
 use rbuild_cache::snapshot::{self, LayerView};
 use rbuild_cache::{Digest, Reference, Store, Target};
@@ -460,6 +460,7 @@ impl Solver<'_> {
     }
 
     fn step(&self, step: &Step, built: &mut Built, id: usize) -> Result<Outcome, SolveError> {
+        let layers_before = built.layers.len();
         let outcome = match &step.op {
             Op::Config(change) => {
                 apply_config(built, change);
@@ -469,7 +470,7 @@ impl Solver<'_> {
                 set_config(built, "WorkingDir", json!(path));
                 let key = self.key(step, built, &[], None);
                 let exists = self
-                    .view(built)?
+                    .view(&built.layers)?
                     .lookup(path, true)
                     .is_some_and(|entry| entry.metadata.is_dir());
                 if exists {
@@ -500,6 +501,7 @@ impl Solver<'_> {
                     stages: inputs,
                     checksum,
                     files,
+                    selection,
                 } = self.copy_inputs(step, copy)?;
                 let key = self.key(step, built, &inputs, checksum.as_deref());
                 let layers = built.layers.clone();
@@ -520,16 +522,12 @@ impl Solver<'_> {
                     Input::Context => Vec::new(),
                 };
                 self.cached_or(step, built, key, fingerprint, id, |solver, _| {
-                    solver.copy(step, copy, &layers)
+                    solver.copy(step, copy, selection.as_ref(), &layers)
                 })?
             }
         };
         let created_by = history_text(step);
-        let empty = !matches!(outcome, Outcome::Ran(_) | Outcome::Cached)
-            || built.config["__last_empty"] == json!(true);
-        if let Some(config) = built.config.as_object_mut() {
-            config.remove("__last_empty");
-        }
+        let empty = built.layers.len() == layers_before;
         push_history(&mut built.config, &self.created(), &created_by, empty);
         Ok(outcome)
     }
@@ -608,17 +606,11 @@ impl Solver<'_> {
             let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
             let _ = rbuild_cache::content::write_atomic(&history, &bytes);
         }
-        match layer {
-            Some(layer) => {
-                push_diff_id(&mut built.config, &layer.diff_id);
-                built.layers.push(layer);
-            }
-            None => {
-                built.config["__last_empty"] = json!(true);
-            }
+        if let Some(layer) = layer {
+            push_diff_id(&mut built.config, &layer.diff_id);
+            built.layers.push(layer);
         }
         built.fs_key = key;
-        let _ = step;
         Ok(outcome)
     }
 
@@ -647,17 +639,19 @@ impl Solver<'_> {
         }
     }
 
-    fn view(&self, built: &Built) -> Result<LayerView, SolveError> {
-        let mut directories = Vec::new();
-        for layer in &built.layers {
-            directories.push(snapshot::prepare(
-                self.store,
-                &layer.target,
-                &layer.diff_id,
-            )?);
-        }
+    /// The snapshot directories of `layers`, topmost first (overlayfs's lowerdir order).
+    fn snapshot_directories(&self, layers: &[LayerRecord]) -> Result<Vec<PathBuf>, SolveError> {
+        let mut directories = layers
+            .iter()
+            .map(|layer| snapshot::prepare(self.store, &layer.target, &layer.diff_id))
+            .collect::<Result<Vec<_>, _>>()?;
         directories.reverse();
-        Ok(LayerView::new(directories))
+        Ok(directories)
+    }
+
+    /// The merged filesystem of `layers`.
+    fn view(&self, layers: &[LayerRecord]) -> Result<LayerView, SolveError> {
+        Ok(LayerView::new(self.snapshot_directories(layers)?))
     }
 
     fn layer_from(
@@ -727,15 +721,7 @@ impl Solver<'_> {
         if !run.mounts.is_empty() {
             return Err(self.step_error(step, "RUN --mount is not supported yet"));
         }
-        let mut lower = Vec::new();
-        for layer in layers {
-            lower.push(snapshot::prepare(
-                self.store,
-                &layer.target,
-                &layer.diff_id,
-            )?);
-        }
-        lower.reverse();
+        let lower = self.snapshot_directories(layers)?;
         let scratch = self.scratch_directory("run")?;
         let (upper, work) = (scratch.join("upper"), scratch.join("work"));
         for directory in [&upper, &work] {
@@ -889,8 +875,9 @@ impl Solver<'_> {
                     })
                     .collect();
                 Ok(CopyInputs {
-                    checksum: Some(selection.digest),
+                    checksum: Some(selection.digest.clone()),
                     files,
+                    selection: Some(selection),
                     ..CopyInputs::default()
                 })
             }
@@ -918,13 +905,14 @@ impl Solver<'_> {
         &self,
         step: &Step,
         copy: &CopyOp,
+        selection: Option<&Selection>,
         layers: &[LayerRecord],
     ) -> Result<Option<LayerRecord>, SolveError> {
         let scratch = self.scratch_directory("copy")?;
         let tree = scratch.join("tree");
         fs::create_dir_all(&tree).map_err(io_error("create", &tree))?;
         let result = self
-            .copy_into(step, copy, layers, &tree)
+            .copy_into(step, copy, selection, layers, &tree)
             .and_then(|()| self.layer_from(&tree, LayerSource::Directory));
         let _ = fs::remove_dir_all(&scratch);
         result
@@ -934,6 +922,7 @@ impl Solver<'_> {
         &self,
         step: &Step,
         copy: &CopyOp,
+        selection: Option<&Selection>,
         layers: &[LayerRecord],
         tree: &Path,
     ) -> Result<(), SolveError> {
@@ -949,7 +938,7 @@ impl Solver<'_> {
         let mut items: Vec<(PathBuf, String)> = Vec::new();
         let destination = copy.destination.clone();
         let destination_is_directory = destination.ends_with('/');
-        let existing_view = self.view_of(layers)?;
+        let existing_view = self.view(layers)?;
         let destination_exists_as_directory = existing_view
             .lookup(&destination, true)
             .is_some_and(|entry| entry.metadata.is_dir());
@@ -963,16 +952,8 @@ impl Solver<'_> {
                         sources.push((file, false));
                     }
                 } else {
-                    let selection = rbuild_cache::context::select(
-                        self.context,
-                        &copy.sources,
-                        &copy.options.exclude,
-                        &self.filter,
-                        self.stat_cache,
-                    )
-                    .map_err(|error| {
-                        self.step_error(step, crate::commands::image::chain_text(&error))
-                    })?;
+                    let selection =
+                        selection.expect("copy_inputs selects the context files of a COPY");
                     let multiple = selection.roots.len() > 1;
                     if selection.roots.len() > 1
                         && !destination_is_directory
@@ -1010,7 +991,7 @@ impl Solver<'_> {
             }
             Input::Stage(_) | Input::Image(_) => {
                 let view = match &copy.input {
-                    Input::Stage(index) => self.view(&self.result_of(*index))?,
+                    Input::Stage(index) => self.view(&self.result_of(*index).layers)?,
                     Input::Image(reference) => {
                         let images = crate::resolver::StoreImages::new(Some(self.store));
                         let image = images.lookup(reference).ok_or_else(|| {
@@ -1081,83 +1062,39 @@ impl Solver<'_> {
         Ok(())
     }
 
-    fn view_of(&self, layers: &[LayerRecord]) -> Result<LayerView, SolveError> {
-        let mut directories = Vec::new();
-        for layer in layers {
-            directories.push(snapshot::prepare(
-                self.store,
-                &layer.target,
-                &layer.diff_id,
-            )?);
-        }
-        directories.reverse();
-        Ok(LayerView::new(directories))
-    }
-
+    /// `--chown` as (uid, gid), names resolved with the image's own `/etc/passwd` and
+    /// `/etc/group` as the sandbox resolves USER; a bare numeric user gets the same group id.
     fn resolve_owner(
         &self,
         step: &Step,
         chown: &str,
         layers: &[LayerRecord],
     ) -> Result<(u32, u32), SolveError> {
-        let (user, group) = match chown.split_once(':') {
-            Some((user, group)) => (user, Some(group)),
-            None => (chown, None),
-        };
-        let view = self.view_of(layers)?;
+        if let Ok(uid) = chown.parse::<u32>() {
+            return Ok((uid, uid));
+        }
+        let view = self.view(layers)?;
         let read = |path: &str| {
             view.lookup(path, true)
                 .and_then(|entry| fs::read_to_string(entry.real).ok())
-                .unwrap_or_default()
         };
-        let lookup = |table: &str, name: &str| -> Option<(u32, u32)> {
-            table.lines().find_map(|line| {
-                let fields: Vec<&str> = line.split(':').collect();
-                (fields.len() >= 4 && fields[0] == name)
-                    .then(|| (fields[2].parse().ok(), fields[3].parse().ok()))
-                    .and_then(|(a, b)| Some((a?, b?)))
-            })
-        };
-        let passwd = read("/etc/passwd");
-        let (uid, primary) = match user.parse::<u32>() {
-            Ok(uid) => (uid, uid),
-            Err(_) => lookup(&passwd, user).ok_or_else(|| {
+        let (passwd, group) = (read("/etc/passwd"), read("/etc/group"));
+        let user = rbuild_executor::user::resolve(chown, passwd.as_deref(), group.as_deref())
+            .map_err(|error| {
                 self.step_error(
                     step,
-                    format!("--chown: unknown user {user} in the image's /etc/passwd"),
+                    format!(
+                        "--chown={chown}: {}",
+                        crate::commands::image::chain_text(&error)
+                    ),
                 )
-            })?,
-        };
-        let gid = match group {
-            None => primary,
-            Some(group) => match group.parse::<u32>() {
-                Ok(gid) => gid,
-                Err(_) => {
-                    let groups = read("/etc/group");
-                    groups
-                        .lines()
-                        .find_map(|line| {
-                            let fields: Vec<&str> = line.split(':').collect();
-                            (fields.len() >= 3 && fields[0] == group)
-                                .then(|| fields[2].parse().ok())
-                                .flatten()
-                        })
-                        .ok_or_else(|| {
-                            self.step_error(
-                                step,
-                                format!("--chown: unknown group {group} in the image's /etc/group"),
-                            )
-                        })?
-                }
-            },
-        };
-        Ok((uid, gid))
+            })?;
+        Ok((user.uid, user.gid))
     }
 
     fn write_image(&self, mut built: Built) -> Result<(Target, Digest), SolveError> {
         let created = self.created();
         let config = built.config.as_object_mut().expect("configs are objects");
-        config.remove("__last_empty");
         config.insert("created".to_string(), json!(created));
         let diff_ids: Vec<Value> = built
             .layers
@@ -1200,6 +1137,8 @@ struct CopyInputs {
     checksum: Option<String>,
     /// Those files: path → mode and content hash.
     files: BTreeMap<String, String>,
+    /// The selection itself, which the copy then follows (the context is walked once).
+    selection: Option<Selection>,
 }
 
 /// What went into a step's cache key, kept per step (by context, Dockerfile, stage and
@@ -1333,15 +1272,7 @@ fn apply_config(built: &mut Built, change: &ConfigChange) {
     let section = &mut built.config["config"];
     match change {
         ConfigChange::Env(pairs) => {
-            let mut env: Vec<String> = section["Env"]
-                .as_array()
-                .map(|items| {
-                    items
-                        .iter()
-                        .filter_map(|item| item.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut env = crate::resolver::strings(&section["Env"]);
             for (key, value) in pairs {
                 env.retain(|item| {
                     item.split_once('=').map_or(item.as_str(), |(name, _)| name) != key

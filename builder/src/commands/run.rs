@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use rbuild_executor::spec::{DEFAULT_PATH, Mount, Process};
 
+use crate::resolver::{env_pairs, non_empty, strings};
+
 /// A `-v HOST:CONTAINER[:ro|rw]` that is not valid.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RunUsageError {
@@ -114,17 +116,6 @@ pub fn container_process(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Process>, RunUsageError> {
     let section = &config["config"];
-    let strings = |value: &serde_json::Value| -> Vec<String> {
-        value
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|item| item.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let (entrypoint, image_command) = match &overrides.entrypoint {
         Some(entrypoint) if entrypoint.is_empty() => (Vec::new(), Vec::new()),
         Some(entrypoint) => (vec![entrypoint.clone()], Vec::new()),
@@ -139,13 +130,7 @@ pub fn container_process(
     if args.is_empty() {
         return Ok(None);
     }
-    let mut env: Vec<(String, String)> = strings(&section["Env"])
-        .into_iter()
-        .map(|pair| match pair.split_once('=') {
-            Some((key, value)) => (key.to_string(), value.to_string()),
-            None => (pair, String::new()),
-        })
-        .collect();
+    let mut env = env_pairs(&section["Env"]);
     for item in &overrides.env {
         let (key, value) = match item.split_once('=') {
             Some((key, value)) => (key.to_string(), Some(value.to_string())),
@@ -162,12 +147,6 @@ pub fn container_process(
     if !env.iter().any(|(key, _)| key == "PATH") {
         env.insert(0, ("PATH".to_string(), DEFAULT_PATH.to_string()));
     }
-    let non_empty = |value: &serde_json::Value| {
-        value
-            .as_str()
-            .filter(|text| !text.is_empty())
-            .map(str::to_string)
-    };
     Ok(Some(Process {
         args,
         env: env
