@@ -52,13 +52,13 @@ pub fn run(options: &BuildOptions) -> Status {
             .is_dir()
     {
         match Store::open(&options.root) {
-            Ok(store) => Some(store),
+            Ok(store) => Some(std::sync::Arc::new(store)),
             Err(error) => return super::image::fail(&error),
         }
     } else {
         None
     };
-    let images = StoreImages::new(store.as_ref());
+    let images = StoreImages::new(store.as_deref());
     let graph = match rbuild_frontend::plan(&text, &plan_options, &images) {
         Ok(graph) => graph,
         Err(error) => {
@@ -76,7 +76,7 @@ pub fn run(options: &BuildOptions) -> Status {
             store,
             &graph,
             &display_name,
-            ignore.as_ref().map(|(_, matcher)| matcher),
+            ignore.map(|(_, matcher)| matcher),
         );
     }
     let plan = Plan::new(&display_name, &graph, ignore.as_ref(), &images);
@@ -343,10 +343,10 @@ fn display(path: &Path) -> String {
 /// Runs the build, tags the image and writes the metadata file.
 fn build(
     options: &BuildOptions,
-    store: &Store,
+    store: &std::sync::Arc<Store>,
     graph: &BuildGraph,
     display_name: &str,
-    ignore: Option<&IgnoreMatcher>,
+    ignore: Option<IgnoreMatcher>,
 ) -> Status {
     use crate::cli::{NetworkArgument, ProgressArgument};
     use crate::solver::{self, SolveOptions};
@@ -386,7 +386,7 @@ fn build(
     };
     let started = std::time::Instant::now();
     let result = match solver::solve(
-        store,
+        store.clone(),
         graph,
         display_name,
         &options.context,

@@ -1,0 +1,791 @@
+//! The solver: runs a planned build graph and produces an image in the store.
+//!
+//! Each stage starts as soon as the stages it needs are done, up to `jobs` at once, on scoped
+//! threads; the steps of a stage run one after another. The first failure stops the build:
+//! nothing new starts and running sandboxes are killed. Every step that changes the
+//! filesystem has a cache key: the sha256 of its definition digest (the instruction after
+//! expansion, with its env, user, workdir, shell, network), the key of the filesystem it builds
+//! on, the final keys of the stages it reads, and for COPY/ADD from the context the content
+//! checksum of exactly the selected files (blake3, never mtimes). A key found in the cache index
+//! reuses its layer; otherwise the step runs (RUN in the sandbox, COPY by copying into a fresh
+//! directory) and its layer is committed and recorded.
+//!
+//! Scheduling on tokio, identical steps running once, `RUN --mount`, ADD of archives and URLs,
+//! and the exporters are the rest of the solver issue.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rbuild_cache::cache_index::CacheRecord;
+use rbuild_cache::context::{ContextFilter, FileKind, Selection, StatCache};
+use rbuild_cache::layer::{LayerOptions, LayerSource, create_layer};
+use rbuild_cache::snapshot::{self, LayerView};
+use rbuild_cache::{Digest, Reference, Store, Target};
+use rbuild_executor::sandbox::{self, Output, RunOptions};
+use rbuild_executor::spec::{DEFAULT_PATH, Mount, Network, Process, RootFs, RunSpec};
+use rbuild_frontend::dockerignore::IgnoreMatcher;
+use rbuild_frontend::graph::{
+    Base, BuildGraph, ConfigChange, CopyOp, Input, Op, RunOp, Stage, Step,
+};
+use rbuild_frontend::instructions::NetworkMode;
+use serde_json::{Value, json};
+
+mod config;
+mod copy;
+mod fingerprint;
+mod run;
+
+use config::{apply_config, history_text, push_diff_id, push_history, set_config};
+use copy::CopyInputs;
+use fingerprint::Fingerprint;
+
+/// How to build.
+#[derive(Clone, Debug)]
+pub struct SolveOptions {
+    /// Run every step; look nothing up in the cache (results are still recorded).
+    pub no_cache: bool,
+    /// The network of RUN steps that say `--network=default` (or nothing).
+    pub default_network: Network,
+    /// Clamp created times, history and layer mtimes to this (SOURCE_DATE_EPOCH).
+    pub source_date_epoch: Option<i64>,
+    /// Print BuildKit-like plain progress to stderr.
+    pub progress: bool,
+    /// How many stages may build at once.
+    pub jobs: usize,
+}
+
+/// What happened to one step.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// The instruction as written.
+    pub instruction: String,
+    /// Its first line.
+    pub line: usize,
+    /// Whether its result came from the cache.
+    pub cached: bool,
+    /// Why it was not a cache hit (none for hits and config-only steps).
+    pub miss_reason: Option<String>,
+    /// Seconds it took.
+    pub duration: f64,
+}
+
+/// The image a build produced.
+#[derive(Clone, Debug)]
+pub struct BuildResult {
+    /// The manifest.
+    pub image: Target,
+    /// The config blob.
+    pub config_digest: Digest,
+    /// Every step, in the order it ran.
+    pub steps: Vec<StepReport>,
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SolveError {
+    /// A step failed or could not run: the message names the Dockerfile line.
+    #[error("{message}")]
+    Step {
+        /// `Dockerfile:LINE: INSTRUCTION: problem`.
+        message: String,
+    },
+    /// Another stage failed first, and this one was stopped.
+    #[error("cancelled because another step failed")]
+    Cancelled,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] rbuild_cache::StoreError),
+    /// Unpacking a layer failed.
+    #[error(transparent)]
+    Snapshot(#[from] rbuild_cache::snapshot::SnapshotError),
+    /// The content store failed.
+    #[error(transparent)]
+    Content(#[from] rbuild_cache::ContentError),
+    /// A filesystem operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What rbuild was doing.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SolveError + use<> {
+    let path = path.to_path_buf();
+    move |source| SolveError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A layer of a stage's filesystem.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct LayerRecord {
+    target: Target,
+    diff_id: Digest,
+}
+
+/// A stage's state while it builds, and its result.
+#[derive(Clone, Debug)]
+struct Built {
+    layers: Vec<LayerRecord>,
+    config: Value,
+    /// The cache key of the filesystem (changes only with filesystem steps).
+    fs_key: Digest,
+    /// Whether CMD was set in this stage (ENTRYPOINT then keeps it).
+    cmd_set: bool,
+    /// The stage being built.
+    stage_index: usize,
+}
+
+/// Adapts `.dockerignore` to the context walker, with fsutil's walk rule (what BuildKit uses).
+struct IgnoreFilter(Option<IgnoreMatcher>);
+
+impl ContextFilter for IgnoreFilter {
+    fn is_excluded(&self, path: &str, is_directory: bool) -> bool {
+        let _ = is_directory;
+        self.0
+            .as_ref()
+            .is_some_and(|matcher| matcher.is_excluded(path))
+    }
+
+    fn can_skip_directory(&self, path: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|matcher| matcher.can_skip_directory(path))
+    }
+}
+
+/// Plain progress, BuildKit-like: `#N [stage k/n] INSTRUCTION`, output lines, `#N CACHED`,
+/// `#N DONE 0.3s`.
+#[derive(Clone)]
+struct Progress {
+    enabled: bool,
+    counter: Arc<Mutex<usize>>,
+}
+
+impl Progress {
+    fn start(&self, label: &str, instruction: &str) -> usize {
+        let mut counter = self.counter.lock().unwrap_or_else(|e| e.into_inner());
+        *counter += 1;
+        if self.enabled {
+            let first = instruction.lines().next().unwrap_or_default();
+            eprintln!("#{} {label} {first}", *counter);
+        }
+        *counter
+    }
+
+    fn line(&self, id: usize, text: &str) {
+        if self.enabled {
+            eprintln!("#{id} {text}");
+        }
+    }
+}
+
+/// Runs the graph and writes the target stage's image into the store.
+pub fn solve(
+    store: Arc<Store>,
+    graph: &BuildGraph,
+    dockerfile_name: &str,
+    context: &Path,
+    ignore: Option<IgnoreMatcher>,
+    options: &SolveOptions,
+) -> Result<BuildResult, SolveError> {
+    let stat_cache = Arc::new(StatCache::load(&stat_cache_path(&store, context)));
+    let solver = Solver {
+        store,
+        dockerfile_name: dockerfile_name.to_string(),
+        context: context.to_path_buf(),
+        filter: IgnoreFilter(ignore),
+        stat_cache: stat_cache.clone(),
+        options: options.clone(),
+        progress: Progress {
+            enabled: options.progress,
+            counter: Arc::default(),
+        },
+        results: Mutex::default(),
+        stage_names: graph
+            .stages
+            .iter()
+            .map(|stage| (stage.index, stage.display_name()))
+            .collect(),
+        failed: AtomicBool::new(false),
+        running: Mutex::default(),
+    };
+    let reports = solver.run_stages(graph, options.jobs.max(1))?;
+    let _ = stat_cache.save();
+    let target = graph.target_stage();
+    let built = solver
+        .results
+        .lock()
+        .unwrap_or_else(|error| error.into_inner())
+        .remove(&target.index)
+        .expect("the target stage was built");
+    let (image, config_digest) = solver.write_image(built)?;
+    Ok(BuildResult {
+        image,
+        config_digest,
+        steps: reports,
+    })
+}
+
+fn stat_cache_path(store: &Store, context: &Path) -> PathBuf {
+    let canonical = fs::canonicalize(context).unwrap_or_else(|_| context.to_path_buf());
+    let name = Digest::of(canonical.to_string_lossy().as_bytes());
+    let directory = store.directory().join("context-cache");
+    let _ = fs::create_dir_all(&directory);
+    directory.join(format!("{}.json", name.hex()))
+}
+
+struct Solver {
+    store: Arc<Store>,
+    dockerfile_name: String,
+    context: PathBuf,
+    filter: IgnoreFilter,
+    stat_cache: Arc<StatCache>,
+    options: SolveOptions,
+    progress: Progress,
+    /// Results of finished stages, shared by the threads building stages.
+    results: Mutex<BTreeMap<usize, Built>>,
+    /// Stage index → display name, for miss reasons.
+    stage_names: BTreeMap<usize, String>,
+    /// Set by the first failure: nothing new starts, and running sandboxes are killed.
+    failed: AtomicBool,
+    /// The sandboxes running now.
+    running: Mutex<Vec<sandbox::Canceller>>,
+}
+
+impl Solver {
+    /// Builds every stage, each as soon as the stages it needs are done, at most `jobs` at
+    /// once, on scoped threads. The first failure stops new work and kills running sandboxes;
+    /// it is the error returned. Reports come back in stage order.
+    fn run_stages(&self, graph: &BuildGraph, jobs: usize) -> Result<Vec<StepReport>, SolveError> {
+        let needs: BTreeMap<usize, Vec<usize>> = graph
+            .stages
+            .iter()
+            .map(|stage| (stage.index, stage_dependencies(stage)))
+            .collect();
+        let mut reports: BTreeMap<usize, Vec<StepReport>> = BTreeMap::new();
+        let mut failure: Option<SolveError> = None;
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let mut started = std::collections::BTreeSet::new();
+            let mut running = 0;
+            loop {
+                if failure.is_none() {
+                    for stage in &graph.stages {
+                        let ready = needs[&stage.index]
+                            .iter()
+                            .all(|need| reports.contains_key(need));
+                        if running < jobs && ready && started.insert(stage.index) {
+                            running += 1;
+                            let sender = sender.clone();
+                            scope.spawn(move || {
+                                let _ = sender.send((stage.index, self.stage(stage)));
+                            });
+                        }
+                    }
+                }
+                if running == 0 {
+                    break;
+                }
+                let (index, result) = receiver.recv().expect("a stage thread always reports");
+                running -= 1;
+                match result {
+                    Ok((built, stage_reports)) => {
+                        self.results
+                            .lock()
+                            .unwrap_or_else(|error| error.into_inner())
+                            .insert(index, built);
+                        reports.insert(index, stage_reports);
+                    }
+                    Err(SolveError::Cancelled) => {}
+                    Err(error) => {
+                        if failure.is_none() {
+                            self.failed.store(true, Ordering::SeqCst);
+                            for canceller in self
+                                .running
+                                .lock()
+                                .unwrap_or_else(|error| error.into_inner())
+                                .iter()
+                            {
+                                canceller.cancel();
+                            }
+                            failure = Some(error);
+                        }
+                    }
+                }
+            }
+        });
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(reports.into_values().flatten().collect()),
+        }
+    }
+
+    /// A finished stage's result.
+    fn result_of(&self, index: usize) -> Built {
+        self.results
+            .lock()
+            .unwrap_or_else(|error| error.into_inner())
+            .get(&index)
+            .cloned()
+            .expect("stages run after the stages they need")
+    }
+
+    fn step_error(&self, step: &Step, problem: impl std::fmt::Display) -> SolveError {
+        SolveError::Step {
+            message: format!(
+                "{}:{}: {}: {problem}",
+                self.dockerfile_name,
+                step.location.start_line,
+                step.instruction.lines().next().unwrap_or_default()
+            ),
+        }
+    }
+
+    fn created(&self) -> String {
+        let seconds = self
+            .options
+            .source_date_epoch
+            .unwrap_or_else(|| rbuild_cache::store::now() as i64);
+        rbuild_cache::time::rfc3339(seconds)
+    }
+
+    fn stage(&self, stage: &Stage) -> Result<(Built, Vec<StepReport>), SolveError> {
+        let mut reports = Vec::new();
+        let total = stage.steps.len() + 1;
+        let label = |position: usize| format!("[{} {position}/{total}]", stage.display_name());
+        let started = Instant::now();
+        let id = self.progress.start(&label(1), &stage.from_instruction);
+        let mut built = self.base(stage)?;
+        self.progress
+            .line(id, &format!("DONE {:.1}s", started.elapsed().as_secs_f64()));
+        reports.push(StepReport {
+            instruction: stage.from_instruction.clone(),
+            line: stage.location.start_line,
+            cached: true,
+            miss_reason: None,
+            duration: started.elapsed().as_secs_f64(),
+        });
+        for (index, step) in stage.steps.iter().enumerate() {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(SolveError::Cancelled);
+            }
+            let started = Instant::now();
+            let id = self.progress.start(&label(index + 2), &step.instruction);
+            let outcome = self.step(step, &mut built, id)?;
+            let duration = started.elapsed().as_secs_f64();
+            match &outcome {
+                Outcome::Cached => self.progress.line(id, "CACHED"),
+                _ => self.progress.line(id, &format!("DONE {duration:.1}s")),
+            }
+            reports.push(StepReport {
+                instruction: step.instruction.clone(),
+                line: step.location.start_line,
+                cached: matches!(outcome, Outcome::Cached | Outcome::ConfigOnly),
+                miss_reason: match outcome {
+                    Outcome::Ran(reason) => Some(reason),
+                    _ => None,
+                },
+                duration,
+            });
+        }
+        Ok((built, reports))
+    }
+
+    fn base(&self, stage: &Stage) -> Result<Built, SolveError> {
+        let mut built = match &stage.base {
+            Base::Scratch => Built {
+                layers: Vec::new(),
+                config: json!({"architecture": stage.platform.architecture, "os": stage.platform.os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
+                fs_key: Digest::of(b"scratch"),
+                cmd_set: false,
+                stage_index: stage.index,
+            },
+            Base::Stage(index) => {
+                let mut built = self.result_of(*index);
+                built.cmd_set = false;
+                built.stage_index = stage.index;
+                built
+            }
+            Base::Image(reference) => {
+                let images = crate::resolver::StoreImages::new(Some(&self.store));
+                let image = images.lookup(reference).ok_or_else(|| SolveError::Step {
+                    message: format!(
+                        "{}:{}: {}: base image {reference} is not in the store (pulling from a registry is not supported yet; `rbuild load` or `rbuild import` it)",
+                        self.dockerfile_name,
+                        stage.location.start_line,
+                        stage.from_instruction
+                    ),
+                })?;
+                let layers = image
+                    .layers()?
+                    .into_iter()
+                    .zip(image.config.rootfs().diff_ids())
+                    .map(|(target, diff_id)| LayerRecord {
+                        target,
+                        diff_id: diff_id
+                            .parse()
+                            .unwrap_or_else(|_| Digest::of(diff_id.as_bytes())),
+                    })
+                    .collect();
+                let config: Value =
+                    serde_json::from_slice(&image.config_bytes).unwrap_or_else(|_| json!({}));
+                Built {
+                    layers,
+                    config,
+                    fs_key: image.target.digest.clone(),
+                    cmd_set: false,
+                    stage_index: stage.index,
+                }
+            }
+        };
+        let config = built.config.as_object_mut().expect("configs are objects");
+        for key in ["container", "container_config", "docker_version"] {
+            config.remove(key);
+        }
+        if !config.get("config").is_some_and(Value::is_object) {
+            config.insert("config".to_string(), json!({}));
+        }
+        let section = config["config"].as_object_mut().expect("checked above");
+        let env = section.entry("Env").or_insert_with(|| json!([]));
+        if !env.as_array().is_some_and(|env| {
+            env.iter()
+                .any(|item| item.as_str().is_some_and(|item| item.starts_with("PATH=")))
+        }) && let Some(env) = env.as_array_mut()
+        {
+            env.insert(0, json!(format!("PATH={DEFAULT_PATH}")));
+        }
+        Ok(built)
+    }
+
+    fn step(&self, step: &Step, built: &mut Built, id: usize) -> Result<Outcome, SolveError> {
+        let layers_before = built.layers.len();
+        let outcome = match &step.op {
+            Op::Config(change) => {
+                apply_config(built, change);
+                Outcome::ConfigOnly
+            }
+            Op::Workdir { path } => {
+                set_config(built, "WorkingDir", json!(path));
+                let key = self.key(step, built, &[], None);
+                let exists = self
+                    .view(&built.layers)?
+                    .lookup(path, true)
+                    .is_some_and(|entry| entry.metadata.is_dir());
+                if exists {
+                    built.fs_key = key;
+                    Outcome::ConfigOnly
+                } else {
+                    let fingerprint = self.fingerprint(step, built);
+                    self.cached_or(step, built, key, fingerprint, id, |solver, _| {
+                        solver.workdir_layer(path)
+                    })?
+                }
+            }
+            Op::Run(run) => {
+                let key = self.key(step, built, &[], None);
+                let layers = built.layers.clone();
+                let mut fingerprint = self.fingerprint(step, built);
+                fingerprint.env = run
+                    .env
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                self.cached_or(step, built, key, fingerprint, id, |solver, id| {
+                    solver.run(step, run, &layers, id)
+                })?
+            }
+            Op::Copy(copy) => {
+                let CopyInputs {
+                    stages: inputs,
+                    checksum,
+                    files,
+                    selection,
+                } = self.copy_inputs(step, copy)?;
+                let key = self.key(step, built, &inputs, checksum.as_deref());
+                let layers = built.layers.clone();
+                let mut fingerprint = self.fingerprint(step, built);
+                fingerprint.files = files;
+                fingerprint.inputs = match &copy.input {
+                    Input::Stage(index) => vec![(
+                        self.stage_names
+                            .get(index)
+                            .cloned()
+                            .unwrap_or_else(|| format!("stage {index}")),
+                        inputs.first().map(Digest::to_string).unwrap_or_default(),
+                    )],
+                    Input::Image(reference) => vec![(
+                        reference.clone(),
+                        inputs.first().map(Digest::to_string).unwrap_or_default(),
+                    )],
+                    Input::Context => Vec::new(),
+                };
+                self.cached_or(step, built, key, fingerprint, id, |solver, _| {
+                    solver.copy(step, copy, selection.as_ref(), &layers)
+                })?
+            }
+        };
+        let created_by = history_text(step);
+        let empty = built.layers.len() == layers_before;
+        push_history(&mut built.config, &self.created(), &created_by, empty);
+        Ok(outcome)
+    }
+
+    /// The cache key of a filesystem step.
+    fn key(&self, step: &Step, built: &Built, inputs: &[Digest], checksum: Option<&str>) -> Digest {
+        let mut text = format!(
+            "rbuild-step-v1\n{}\n{}\n",
+            step.definition_digest, built.fs_key
+        );
+        for input in inputs {
+            text.push_str(&format!("input {input}\n"));
+        }
+        if let Some(checksum) = checksum {
+            text.push_str(&format!("content {checksum}\n"));
+        }
+        Digest::of(text.as_bytes())
+    }
+
+    /// Reuses the layer recorded under `key`, or makes it with `make` and records it.
+    #[allow(clippy::too_many_arguments)]
+    fn cached_or(
+        &self,
+        step: &Step,
+        built: &mut Built,
+        key: Digest,
+        fingerprint: Fingerprint,
+        id: usize,
+        make: impl FnOnce(&Self, usize) -> Result<Option<LayerRecord>, SolveError>,
+    ) -> Result<Outcome, SolveError> {
+        let history = self.history_path(step, built.stage_index);
+        let previous: Option<Fingerprint> = fs::read(&history)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+
+        let record = if self.options.no_cache {
+            None
+        } else {
+            self.store.cache().get(&key)?
+        };
+        let hit = record
+            .and_then(|record| serde_json::from_value::<Option<LayerRecord>>(record.payload).ok());
+        let hit = hit.filter(|layer| {
+            layer
+                .as_ref()
+                .is_none_or(|layer| self.store.content().contains(&layer.target.digest))
+        });
+        let (layer, outcome) = match hit {
+            Some(layer) => (layer, Outcome::Cached),
+            None => {
+                let reason = if self.options.no_cache {
+                    "--no-cache".to_string()
+                } else {
+                    match &previous {
+                        Some(previous) => fingerprint.miss_reason(previous),
+                        None => "no earlier build of this step in this root".to_string(),
+                    }
+                };
+                let layer = make(self, id)?;
+                let record = CacheRecord {
+                    key: key.clone(),
+                    blobs: layer
+                        .iter()
+                        .map(|layer| layer.target.digest.clone())
+                        .collect(),
+                    payload: serde_json::to_value(&layer).expect("layers serialize"),
+                    created: rbuild_cache::store::now(),
+                };
+                self.store.cache().put(&record)?;
+                (layer, Outcome::Ran(reason))
+            }
+        };
+        // Remembered only once the step succeeded, so the next miss compares with a build
+        // that worked.
+        if previous.as_ref() != Some(&fingerprint) {
+            let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
+            let _ = rbuild_cache::content::write_atomic(&history, &bytes);
+        }
+        if let Some(layer) = layer {
+            push_diff_id(&mut built.config, &layer.diff_id);
+            built.layers.push(layer);
+        }
+        built.fs_key = key;
+        Ok(outcome)
+    }
+
+    /// Where the fingerprint of this step's last build is kept: one file per context,
+    /// Dockerfile, stage and position.
+    fn history_path(&self, step: &Step, stage_index: usize) -> PathBuf {
+        let context =
+            fs::canonicalize(&self.context).unwrap_or_else(|_| self.context.to_path_buf());
+        let identity = format!(
+            "{}\0{}\0{}\0{}",
+            context.display(),
+            self.dockerfile_name,
+            stage_index,
+            step.location.start_line
+        );
+        let directory = self.store.directory().join("step-history");
+        let _ = fs::create_dir_all(&directory);
+        directory.join(format!("{}.json", Digest::of(identity.as_bytes()).hex()))
+    }
+
+    fn fingerprint(&self, step: &Step, built: &Built) -> Fingerprint {
+        Fingerprint {
+            instruction: step.instruction.clone(),
+            definition: step.definition_digest.clone(),
+            parent: built.fs_key.to_string(),
+            ..Fingerprint::default()
+        }
+    }
+
+    /// The snapshot directories of `layers`, topmost first (overlayfs's lowerdir order).
+    fn snapshot_directories(&self, layers: &[LayerRecord]) -> Result<Vec<PathBuf>, SolveError> {
+        let mut directories = layers
+            .iter()
+            .map(|layer| snapshot::prepare(&self.store, &layer.target, &layer.diff_id))
+            .collect::<Result<Vec<_>, _>>()?;
+        directories.reverse();
+        Ok(directories)
+    }
+
+    /// The merged filesystem of `layers`.
+    fn view(&self, layers: &[LayerRecord]) -> Result<LayerView, SolveError> {
+        Ok(LayerView::new(self.snapshot_directories(layers)?))
+    }
+
+    fn layer_from(
+        &self,
+        directory: &Path,
+        source: LayerSource,
+    ) -> Result<Option<LayerRecord>, SolveError> {
+        let empty = fs::read_dir(directory)
+            .map_err(io_error("list", directory))?
+            .next()
+            .is_none();
+        if empty {
+            return Ok(None);
+        }
+        let options = LayerOptions {
+            source,
+            source_date_epoch: self.options.source_date_epoch,
+            ..LayerOptions::default()
+        };
+        let layer = create_layer(directory, &options, self.store.content()).map_err(|error| {
+            SolveError::Step {
+                message: format!(
+                    "committing a layer from {}: {}",
+                    directory.display(),
+                    crate::commands::image::chain_text(&error)
+                ),
+            }
+        })?;
+        Ok(Some(LayerRecord {
+            target: Target {
+                media_type: layer.media_type.to_string(),
+                digest: layer.digest,
+                size: layer.size,
+            },
+            diff_id: layer.diff_id,
+        }))
+    }
+
+    fn scratch_directory(&self, kind: &str) -> Result<PathBuf, SolveError> {
+        let id =
+            Digest::of(format!("{kind}-{}-{:?}", std::process::id(), Instant::now()).as_bytes());
+        let path = self
+            .store
+            .containers_directory()
+            .join(format!("build-{}", id.short()));
+        fs::create_dir_all(&path).map_err(io_error("create", &path))?;
+        Ok(path)
+    }
+
+    fn workdir_layer(&self, path: &str) -> Result<Option<LayerRecord>, SolveError> {
+        let scratch = self.scratch_directory("workdir")?;
+        let tree = scratch.join("tree");
+        let target = tree.join(path.trim_start_matches('/'));
+        fs::create_dir_all(&target).map_err(io_error("create", &target))?;
+        let result = self.layer_from(&tree, LayerSource::Directory);
+        let _ = fs::remove_dir_all(&scratch);
+        result
+    }
+
+    fn write_image(&self, mut built: Built) -> Result<(Target, Digest), SolveError> {
+        let created = self.created();
+        let config = built.config.as_object_mut().expect("configs are objects");
+        config.insert("created".to_string(), json!(created));
+        let diff_ids: Vec<Value> = built
+            .layers
+            .iter()
+            .map(|layer| json!(layer.diff_id.to_string()))
+            .collect();
+        config.insert(
+            "rootfs".to_string(),
+            json!({"type": "layers", "diff_ids": diff_ids}),
+        );
+        let bytes = serde_json::to_vec(&built.config).expect("configs serialize");
+        let info = self.store.content().write_bytes(&bytes)?;
+        let config_target = Target {
+            media_type: rbuild_cache::store::OCI_CONFIG.to_string(),
+            digest: info.digest.clone(),
+            size: info.size,
+        };
+        let layers: Vec<Target> = built
+            .layers
+            .iter()
+            .map(|layer| layer.target.clone())
+            .collect();
+        let manifest = self.store.write_manifest(&config_target, &layers)?;
+        Ok((manifest, info.digest))
+    }
+}
+
+enum Outcome {
+    Cached,
+    Ran(String),
+    ConfigOnly,
+}
+
+/// The stages a stage needs finished first: its base and what it copies from.
+fn stage_dependencies(stage: &Stage) -> Vec<usize> {
+    let mut needs = Vec::new();
+    if let Base::Stage(index) = stage.base {
+        needs.push(index);
+    }
+    for step in &stage.steps {
+        if let Op::Copy(CopyOp {
+            input: Input::Stage(index),
+            ..
+        }) = &step.op
+        {
+            needs.push(*index);
+        }
+    }
+    needs
+}
+
+/// Tags the result and prints where it went.
+pub fn tag(store: &Store, result: &BuildResult, tags: &[Reference]) -> Result<(), SolveError> {
+    for reference in tags {
+        store.set_tag(reference, &result.image)?;
+    }
+    if tags.is_empty() {
+        store.add_dangling(&result.image)?;
+    }
+    let _ = io::stderr().flush();
+    Ok(())
+}
