@@ -240,6 +240,10 @@ pub struct BuildArguments {
     #[arg(long)]
     pub no_cache: bool,
 
+    /// How many steps may run at once (default: the number of cores).
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+
     /// How to show progress.
     #[arg(long, value_enum, default_value_t = ProgressArgument::Auto)]
     pub progress: ProgressArgument,

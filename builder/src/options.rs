@@ -167,6 +167,8 @@ pub struct BuildOptions {
     pub platform: Platform,
     /// `--no-cache`.
     pub no_cache: bool,
+    /// `--jobs`: how many steps may run at once.
+    pub jobs: Option<u16>,
     /// `--progress`.
     pub progress: ProgressArgument,
     /// `-o`.
@@ -233,6 +235,7 @@ impl BuildOptions {
             target: arguments.target,
             platform,
             no_cache: arguments.no_cache,
+            jobs: arguments.jobs,
             progress: arguments.progress,
             outputs: arguments
                 .outputs

@@ -222,6 +222,10 @@ pub struct RunOp {
     pub script_files: Vec<ScriptFile>,
     /// The environment: build args in scope, then ENV (ENV wins).
     pub env: Vec<(String, String)>,
+    /// The predefined proxy args (`HTTP_PROXY`, ...) given with `--build-arg` and not declared
+    /// with ARG: in the environment, but, as in BuildKit, not in the cache key or the history.
+    #[serde(skip)]
+    pub proxy_env: Vec<(String, String)>,
     /// USER in effect.
     pub user: Option<String>,
     /// WORKDIR in effect.
@@ -1241,17 +1245,19 @@ impl<'a> Planner<'a> {
                 None => env.push((name.clone(), value.clone())),
             }
         }
+        let mut proxy_env = Vec::new();
         for name in PROXY_ARGS {
             if let Some(value) = self.options.build_args.get(*name)
                 && !env.iter().any(|(existing, _)| existing == name)
             {
-                env.push((name.to_string(), value.clone()));
+                proxy_env.push((name.to_string(), value.clone()));
             }
         }
         Ok(RunOp {
             arguments,
             script_files,
             env,
+            proxy_env,
             user: draft.inherited.user.clone(),
             working_dir: draft.inherited.working_dir.clone(),
             mounts,
@@ -1622,6 +1628,43 @@ mod tests {
             Op::Copy(copy) => copy,
             other => panic!("not a COPY: {other:?}"),
         }
+    }
+
+    #[test]
+    fn undeclared_proxy_args_reach_run_but_not_the_key() {
+        let text = "FROM scratch\nRUN true\n";
+        let planned_with =
+            |value: &str| plan(text, &options(&[("HTTP_PROXY", value)], None), &NoImages).unwrap();
+        let (one, two) = (planned_with("http://a:1"), planned_with("http://b:2"));
+        let run = run_op(&one.target_stage().steps[0]);
+        assert_eq!(
+            run.proxy_env,
+            vec![("HTTP_PROXY".into(), "http://a:1".into())]
+        );
+        assert!(run.env.is_empty());
+        assert_eq!(
+            one.target_stage().steps[0].definition_digest,
+            two.target_stage().steps[0].definition_digest
+        );
+        // Declared with ARG, a proxy variable is an ordinary build argument.
+        let declared = "FROM scratch\nARG HTTP_PROXY\nRUN true\n";
+        let planned_declared = |value: &str| {
+            plan(
+                declared,
+                &options(&[("HTTP_PROXY", value)], None),
+                &NoImages,
+            )
+            .unwrap()
+        };
+        let (one, two) = (
+            planned_declared("http://a:1"),
+            planned_declared("http://b:2"),
+        );
+        assert!(run_op(&one.target_stage().steps[1]).proxy_env.is_empty());
+        assert_ne!(
+            one.target_stage().steps[1].definition_digest,
+            two.target_stage().steps[1].definition_digest
+        );
     }
 
     #[test]

@@ -349,7 +349,7 @@ fn build(
     ignore: Option<IgnoreMatcher>,
 ) -> Status {
     use crate::cli::{NetworkArgument, ProgressArgument};
-    use crate::solver::{self, SolveOptions};
+    use crate::solver::{self, ProgressMode, SolveOptions};
     if !options.outputs.is_empty() || !options.cache_from.is_empty() || !options.cache_to.is_empty()
     {
         eprintln!(
@@ -372,8 +372,22 @@ fn build(
             }
         },
         source_date_epoch,
-        progress: options.progress != ProgressArgument::Quiet,
-        jobs: std::thread::available_parallelism().map_or(2, usize::from),
+        progress: match options.progress {
+            ProgressArgument::Quiet => ProgressMode::Quiet,
+            ProgressArgument::Plain => ProgressMode::Plain,
+            ProgressArgument::Tty => ProgressMode::Tty,
+            ProgressArgument::Auto => {
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    ProgressMode::Tty
+                } else {
+                    ProgressMode::Plain
+                }
+            }
+        },
+        jobs: options.jobs.map_or_else(
+            || std::thread::available_parallelism().map_or(2, usize::from),
+            usize::from,
+        ),
     };
     let tags: Vec<rbuild_cache::Reference> = match options
         .tags
@@ -402,7 +416,7 @@ fn build(
     if let Err(error) = solver::tag(store, &result, &tags) {
         return super::image::fail(&error);
     }
-    if solve_options.progress {
+    if solve_options.progress != ProgressMode::Quiet {
         eprintln!(
             "#{} writing image {}",
             result.steps.len() + 1,

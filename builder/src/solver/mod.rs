@@ -13,13 +13,13 @@
 //! Scheduling on tokio, identical steps running once, `RUN --mount`, ADD of archives and URLs,
 //! and the exporters are the rest of the solver issue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use rbuild_cache::cache_index::CacheRecord;
@@ -35,11 +35,16 @@ use rbuild_frontend::graph::{
 };
 use rbuild_frontend::instructions::NetworkMode;
 use serde_json::{Value, json};
+use tokio::sync::{Semaphore, watch};
 
 mod config;
 mod copy;
 mod fingerprint;
+mod progress;
 mod run;
+
+use progress::Progress;
+pub use progress::ProgressMode;
 
 use config::{apply_config, history_text, push_diff_id, push_history, set_config};
 use copy::CopyInputs;
@@ -54,9 +59,9 @@ pub struct SolveOptions {
     pub default_network: Network,
     /// Clamp created times, history and layer mtimes to this (SOURCE_DATE_EPOCH).
     pub source_date_epoch: Option<i64>,
-    /// Print BuildKit-like plain progress to stderr.
-    pub progress: bool,
-    /// How many stages may build at once.
+    /// How progress is shown on stderr.
+    pub progress: ProgressMode,
+    /// How many steps may run at once (RUN, COPY, ADD, WORKDIR: cache hits included).
     pub jobs: usize,
 }
 
@@ -167,33 +172,12 @@ impl ContextFilter for IgnoreFilter {
     }
 }
 
-/// Plain progress, BuildKit-like: `#N [stage k/n] INSTRUCTION`, output lines, `#N CACHED`,
-/// `#N DONE 0.3s`.
-#[derive(Clone)]
-struct Progress {
-    enabled: bool,
-    counter: Arc<Mutex<usize>>,
-}
-
-impl Progress {
-    fn start(&self, label: &str, instruction: &str) -> usize {
-        let mut counter = self.counter.lock().unwrap_or_else(|e| e.into_inner());
-        *counter += 1;
-        if self.enabled {
-            let first = instruction.lines().next().unwrap_or_default();
-            eprintln!("#{} {label} {first}", *counter);
-        }
-        *counter
-    }
-
-    fn line(&self, id: usize, text: &str) {
-        if self.enabled {
-            eprintln!("#{id} {text}");
-        }
-    }
-}
-
 /// Runs the graph and writes the target stage's image into the store.
+///
+/// The stages run as tasks on a tokio runtime: each step starts as soon as what it reads is
+/// ready (its stage's previous step, and the stages it copies or mounts from), so the early
+/// steps of a stage overlap with the stages it needs later. The work of a step (hashing,
+/// sandboxes, tar, compression) runs on blocking threads, at most `jobs` steps at once.
 pub fn solve(
     store: Arc<Store>,
     graph: &BuildGraph,
@@ -203,35 +187,42 @@ pub fn solve(
     options: &SolveOptions,
 ) -> Result<BuildResult, SolveError> {
     let stat_cache = Arc::new(StatCache::load(&stat_cache_path(&store, context)));
-    let solver = Solver {
+    let jobs = options.jobs.max(1);
+    let solver = Arc::new(Solver {
         store,
         dockerfile_name: dockerfile_name.to_string(),
         context: context.to_path_buf(),
         filter: IgnoreFilter(ignore),
         stat_cache: stat_cache.clone(),
         options: options.clone(),
-        progress: Progress {
-            enabled: options.progress,
-            counter: Arc::default(),
-        },
-        results: Mutex::default(),
+        progress: Progress::new(options.progress),
+        results: graph
+            .stages
+            .iter()
+            .map(|stage| (stage.index, watch::channel(StageState::Pending).0))
+            .collect(),
         stage_names: graph
             .stages
             .iter()
             .map(|stage| (stage.index, stage.display_name()))
             .collect(),
+        graph: Arc::new(graph.clone()),
+        jobs: Arc::new(Semaphore::new(jobs)),
+        in_flight: Mutex::default(),
         failed: AtomicBool::new(false),
         running: Mutex::default(),
-    };
-    let reports = solver.run_stages(graph, options.jobs.max(1))?;
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(jobs + 2 * graph.stages.len())
+        .thread_name("rbuild-solver")
+        .build()
+        .map_err(io_error("start the solver's runtime", Path::new("")))?;
+    let reports = runtime.block_on(solver.clone().run_stages());
+    solver.progress.close();
+    let reports = reports?;
     let _ = stat_cache.save();
-    let target = graph.target_stage();
-    let built = solver
-        .results
-        .lock()
-        .unwrap_or_else(|error| error.into_inner())
-        .remove(&target.index)
-        .expect("the target stage was built");
+    let built = solver.result_of(graph.target_stage().index);
     let (image, config_digest) = solver.write_image(built)?;
     Ok(BuildResult {
         image,
@@ -248,6 +239,19 @@ fn stat_cache_path(store: &Store, context: &Path) -> PathBuf {
     directory.join(format!("{}.json", name.hex()))
 }
 
+/// Where a stage is.
+#[derive(Clone, Debug)]
+enum StageState {
+    Pending,
+    Done(Box<Built>),
+    /// It failed or was cancelled: whoever waits for it stops.
+    Failed,
+}
+
+/// A step whose result is being made: identical steps (same key) wait for the first and
+/// share its layer (BuildKit's flightcontrol). `None` when the first failed.
+type InFlight = Arc<OnceLock<Option<Option<LayerRecord>>>>;
+
 struct Solver {
     store: Arc<Store>,
     dockerfile_name: String,
@@ -256,10 +260,15 @@ struct Solver {
     stat_cache: Arc<StatCache>,
     options: SolveOptions,
     progress: Progress,
-    /// Results of finished stages, shared by the threads building stages.
-    results: Mutex<BTreeMap<usize, Built>>,
+    graph: Arc<BuildGraph>,
+    /// Each stage's state, published when it ends.
+    results: BTreeMap<usize, watch::Sender<StageState>>,
     /// Stage index → display name, for miss reasons.
     stage_names: BTreeMap<usize, String>,
+    /// Permits for running steps (`--jobs`).
+    jobs: Arc<Semaphore>,
+    /// Steps being made, by cache key.
+    in_flight: Mutex<HashMap<Digest, InFlight>>,
     /// Set by the first failure: nothing new starts, and running sandboxes are killed.
     failed: AtomicBool,
     /// The sandboxes running now.
@@ -267,81 +276,94 @@ struct Solver {
 }
 
 impl Solver {
-    /// Builds every stage, each as soon as the stages it needs are done, at most `jobs` at
-    /// once, on scoped threads. The first failure stops new work and kills running sandboxes;
-    /// it is the error returned. Reports come back in stage order.
-    fn run_stages(&self, graph: &BuildGraph, jobs: usize) -> Result<Vec<StepReport>, SolveError> {
-        let needs: BTreeMap<usize, Vec<usize>> = graph
-            .stages
-            .iter()
-            .map(|stage| (stage.index, stage_dependencies(stage)))
-            .collect();
+    /// Builds every stage as a task. The first failure stops new work and kills running
+    /// sandboxes; it is the error returned, once every task has ended (so nothing of this build
+    /// still runs when `solve` returns). Reports come back in stage order.
+    async fn run_stages(self: Arc<Self>) -> Result<Vec<StepReport>, SolveError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for position in 0..self.graph.stages.len() {
+            let solver = self.clone();
+            tasks.spawn(async move {
+                let index = solver.graph.stages[position].index;
+                let result = solver.clone().stage(position).await;
+                let state = match &result {
+                    Ok((built, _)) => StageState::Done(Box::new(built.clone())),
+                    Err(_) => StageState::Failed,
+                };
+                solver.results[&index].send_replace(state);
+                (index, result.map(|(_, reports)| reports))
+            });
+        }
         let mut reports: BTreeMap<usize, Vec<StepReport>> = BTreeMap::new();
         let mut failure: Option<SolveError> = None;
-        std::thread::scope(|scope| {
-            let (sender, receiver) = std::sync::mpsc::channel();
-            let mut started = std::collections::BTreeSet::new();
-            let mut running = 0;
-            loop {
-                if failure.is_none() {
-                    for stage in &graph.stages {
-                        let ready = needs[&stage.index]
-                            .iter()
-                            .all(|need| reports.contains_key(need));
-                        if running < jobs && ready && started.insert(stage.index) {
-                            running += 1;
-                            let sender = sender.clone();
-                            scope.spawn(move || {
-                                let _ = sender.send((stage.index, self.stage(stage)));
-                            });
-                        }
-                    }
+        while let Some(joined) = tasks.join_next().await {
+            let (index, result) = match joined {
+                Ok(joined) => joined,
+                Err(error) => std::panic::resume_unwind(error.into_panic()),
+            };
+            match result {
+                Ok(stage_reports) => {
+                    reports.insert(index, stage_reports);
                 }
-                if running == 0 {
-                    break;
-                }
-                let (index, result) = receiver.recv().expect("a stage thread always reports");
-                running -= 1;
-                match result {
-                    Ok((built, stage_reports)) => {
-                        self.results
-                            .lock()
-                            .unwrap_or_else(|error| error.into_inner())
-                            .insert(index, built);
-                        reports.insert(index, stage_reports);
-                    }
-                    Err(SolveError::Cancelled) => {}
-                    Err(error) => {
-                        if failure.is_none() {
-                            self.failed.store(true, Ordering::SeqCst);
-                            for canceller in self
-                                .running
-                                .lock()
-                                .unwrap_or_else(|error| error.into_inner())
-                                .iter()
-                            {
-                                canceller.cancel();
-                            }
-                            failure = Some(error);
-                        }
+                Err(SolveError::Cancelled) => {}
+                Err(error) => {
+                    if failure.is_none() {
+                        self.cancel_all();
+                        failure = Some(error);
                     }
                 }
             }
-        });
+        }
         match failure {
             Some(error) => Err(error),
             None => Ok(reports.into_values().flatten().collect()),
         }
     }
 
-    /// A finished stage's result.
-    fn result_of(&self, index: usize) -> Built {
-        self.results
+    /// Stops the build: nothing new starts and running sandboxes are killed.
+    fn cancel_all(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        for canceller in self
+            .running
             .lock()
             .unwrap_or_else(|error| error.into_inner())
-            .get(&index)
-            .cloned()
-            .expect("stages run after the stages they need")
+            .iter()
+        {
+            canceller.cancel();
+        }
+    }
+
+    /// Waits until stage `index` is built; `Cancelled` if it failed.
+    async fn wait_for(&self, index: usize) -> Result<(), SolveError> {
+        let mut receiver = self.results[&index].subscribe();
+        let state = receiver
+            .wait_for(|state| !matches!(state, StageState::Pending))
+            .await
+            .map_err(|_| SolveError::Cancelled)?;
+        match &*state {
+            StageState::Done(_) => Ok(()),
+            _ => Err(SolveError::Cancelled),
+        }
+    }
+
+    /// Runs `work` on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Solver) -> T + Send + 'static,
+    ) -> T {
+        let solver = self.clone();
+        match tokio::task::spawn_blocking(move || work(&solver)).await {
+            Ok(value) => value,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
+    /// A finished stage's result.
+    fn result_of(&self, index: usize) -> Built {
+        match &*self.results[&index].borrow() {
+            StageState::Done(built) => (**built).clone(),
+            _ => panic!("stage {index} is used before it is built"),
+        }
     }
 
     fn step_error(&self, step: &Step, problem: impl std::fmt::Display) -> SolveError {
@@ -363,15 +385,30 @@ impl Solver {
         rbuild_cache::time::rfc3339(seconds)
     }
 
-    fn stage(&self, stage: &Stage) -> Result<(Built, Vec<StepReport>), SolveError> {
+    /// Builds the stage at `position` of the graph, step by step; each step waits for the
+    /// stages it reads, then for a `--jobs` permit if it touches the filesystem.
+    async fn stage(
+        self: Arc<Self>,
+        position: usize,
+    ) -> Result<(Built, Vec<StepReport>), SolveError> {
+        let graph = self.graph.clone();
+        let stage = &graph.stages[position];
         let mut reports = Vec::new();
         let total = stage.steps.len() + 1;
         let label = |position: usize| format!("[{} {position}/{total}]", stage.display_name());
+        if let Base::Stage(index) = stage.base {
+            self.wait_for(index).await?;
+        }
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(SolveError::Cancelled);
+        }
         let started = Instant::now();
         let id = self.progress.start(&label(1), &stage.from_instruction);
-        let mut built = self.base(stage)?;
-        self.progress
-            .line(id, &format!("DONE {:.1}s", started.elapsed().as_secs_f64()));
+        let mut built = self
+            .blocking(move |solver| solver.base(&solver.graph.stages[position]))
+            .await
+            .inspect_err(|_| self.progress.error(id))?;
+        self.progress.done(id, started.elapsed().as_secs_f64());
         reports.push(StepReport {
             instruction: stage.from_instruction.clone(),
             line: stage.location.start_line,
@@ -379,17 +416,45 @@ impl Solver {
             miss_reason: None,
             duration: started.elapsed().as_secs_f64(),
         });
-        for (index, step) in stage.steps.iter().enumerate() {
+        for (step_index, step) in stage.steps.iter().enumerate() {
+            for index in step_dependencies(step) {
+                self.wait_for(index).await?;
+            }
+            let permit = match step.op {
+                Op::Config(_) => None,
+                _ => Some(
+                    self.jobs
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| SolveError::Cancelled)?,
+                ),
+            };
             if self.failed.load(Ordering::SeqCst) {
                 return Err(SolveError::Cancelled);
             }
             let started = Instant::now();
-            let id = self.progress.start(&label(index + 2), &step.instruction);
-            let outcome = self.step(step, &mut built, id)?;
+            let id = self
+                .progress
+                .start(&label(step_index + 2), &step.instruction);
+            let (returned, outcome) = self
+                .blocking(move |solver| {
+                    let step = &solver.graph.stages[position].steps[step_index];
+                    let outcome = solver.step(step, &mut built, id);
+                    (built, outcome)
+                })
+                .await;
+            drop(permit);
+            built = returned;
+            let outcome = outcome.inspect_err(|error| {
+                if !matches!(error, SolveError::Cancelled) {
+                    self.progress.error(id);
+                }
+            })?;
             let duration = started.elapsed().as_secs_f64();
             match &outcome {
-                Outcome::Cached => self.progress.line(id, "CACHED"),
-                _ => self.progress.line(id, &format!("DONE {duration:.1}s")),
+                Outcome::Cached => self.progress.cached(id),
+                _ => self.progress.done(id, duration),
             }
             reports.push(StepReport {
                 instruction: step.instruction.clone(),
@@ -598,18 +663,42 @@ impl Solver {
                         None => "no earlier build of this step in this root".to_string(),
                     }
                 };
-                let layer = make(self, id)?;
-                let record = CacheRecord {
-                    key: key.clone(),
-                    blobs: layer
-                        .iter()
-                        .map(|layer| layer.target.digest.clone())
-                        .collect(),
-                    payload: serde_json::to_value(&layer).expect("layers serialize"),
-                    created: rbuild_cache::store::now(),
-                };
-                self.store.cache().put(&record)?;
-                (layer, Outcome::Ran(reason))
+                // Identical work in flight runs once: the first caller makes the layer, the
+                // others wait for it and reuse it.
+                let flight = self
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|error| error.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let mut made: Option<Result<Option<LayerRecord>, SolveError>> = None;
+                let shared = flight.get_or_init(|| {
+                    let result = make(self, id).and_then(|layer| {
+                        let record = CacheRecord {
+                            key: key.clone(),
+                            blobs: layer
+                                .iter()
+                                .map(|layer| layer.target.digest.clone())
+                                .collect(),
+                            payload: serde_json::to_value(&layer).expect("layers serialize"),
+                            created: rbuild_cache::store::now(),
+                        };
+                        self.store.cache().put(&record)?;
+                        Ok(layer)
+                    });
+                    let shared = result.as_ref().ok().cloned();
+                    made = Some(result);
+                    shared
+                });
+                match made {
+                    Some(result) => (result?, Outcome::Ran(reason)),
+                    // Another stage made it (or failed to: then the build is stopping).
+                    None => (
+                        shared.clone().ok_or(SolveError::Cancelled)?,
+                        Outcome::Cached,
+                    ),
+                }
             }
         };
         // Remembered only once the step succeeded, so the next miss compares with a build
@@ -760,22 +849,24 @@ enum Outcome {
     ConfigOnly,
 }
 
-/// The stages a stage needs finished first: its base and what it copies from.
-fn stage_dependencies(stage: &Stage) -> Vec<usize> {
-    let mut needs = Vec::new();
-    if let Base::Stage(index) = stage.base {
-        needs.push(index);
-    }
-    for step in &stage.steps {
-        if let Op::Copy(CopyOp {
+/// The stages a step reads, which must be built before it runs: what it copies from and
+/// what its `RUN --mount`s read.
+fn step_dependencies(step: &Step) -> Vec<usize> {
+    match &step.op {
+        Op::Copy(CopyOp {
             input: Input::Stage(index),
             ..
-        }) = &step.op
-        {
-            needs.push(*index);
-        }
+        }) => vec![*index],
+        Op::Run(run) => run
+            .mounts
+            .iter()
+            .filter_map(|mount| match mount.input {
+                Some(Input::Stage(index)) => Some(index),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
-    needs
 }
 
 /// Tags the result and prints where it went.

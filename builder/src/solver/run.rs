@@ -112,7 +112,7 @@ impl Solver {
                 if result.oom_killed {
                     problem.push_str(" (out of memory)");
                 }
-                if !tail.is_empty() && !self.options.progress {
+                if !tail.is_empty() && !self.options.progress.prints_output() {
                     problem.push_str(&format!("\n{tail}"));
                 }
                 Err(self.step_error(step, problem))
