@@ -381,6 +381,24 @@ fn bad_output_specs_exit_2_before_building() {
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("only one --output"));
     assert!(output.stdout.is_empty());
+    // A tar is never written to a terminal: `script` (util-linux) gives rbuild a pty.
+    let command = format!(
+        "{} --root {} build -o - {}",
+        env!("CARGO_BIN_EXE_rbuild"),
+        root.display(),
+        context.display()
+    );
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stdout).contains("refusing to write a tar to a terminal"),
+        "{}",
+        text(&output.stdout)
+    );
     let output = build(&root, &context, &["--cache-to", "type=local,dest=c"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("--cache-from and --cache-to are not supported"));
