@@ -249,7 +249,9 @@ pub struct BuildArguments {
     pub progress: ProgressArgument,
 
     /// Export the result: type=oci,dest=FILE.tar | type=docker,dest=FILE.tar |
-    /// type=local,dest=DIR | type=tar,dest=FILE | type=image,name=REF[,push=true] (repeatable).
+    /// type=local,dest=DIR | type=tar,dest=FILE | type=image,name=REF[,push=true] (repeatable);
+    /// oci and docker take name=REF; dest=- is standard output; `-o DIR` is type=local and
+    /// `-o -` is type=tar to standard output.
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     pub outputs: Vec<String>,
 

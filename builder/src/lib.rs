@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod export;
 pub mod options;
 pub mod resolver;
 pub mod solver;

@@ -77,13 +77,17 @@ pub enum DockerfileSource {
 pub enum Output {
     /// An OCI image layout tar.
     Oci {
-        /// The tar file to write.
+        /// The tar file to write; `-` is standard output.
         dest: PathBuf,
+        /// The image name recorded in the archive (`name=`); the `-t` tags when none.
+        name: Option<String>,
     },
     /// A docker-archive tar (`docker load`).
     Docker {
-        /// The tar file to write.
+        /// The tar file to write; `-` is standard output.
         dest: PathBuf,
+        /// The name in `RepoTags` (`name=`); the `-t` tags when none.
+        name: Option<String>,
     },
     /// The final filesystem, into a directory.
     Local {
@@ -92,7 +96,7 @@ pub enum Output {
     },
     /// The final filesystem, as a tar.
     Tar {
-        /// The tar file to write.
+        /// The tar file to write; `-` is standard output.
         dest: PathBuf,
     },
     /// An image in the store, optionally pushed.
@@ -102,6 +106,35 @@ pub enum Output {
         /// Push it to its registry.
         push: bool,
     },
+}
+
+impl Output {
+    /// The exporter's name, as `type=` spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Output::Oci { .. } => "oci",
+            Output::Docker { .. } => "docker",
+            Output::Local { .. } => "local",
+            Output::Tar { .. } => "tar",
+            Output::Image { .. } => "image",
+        }
+    }
+
+    /// The file or directory written, if the exporter writes one.
+    pub fn dest(&self) -> Option<&Path> {
+        match self {
+            Output::Oci { dest, .. }
+            | Output::Docker { dest, .. }
+            | Output::Local { dest }
+            | Output::Tar { dest } => Some(dest),
+            Output::Image { .. } => None,
+        }
+    }
+
+    /// Whether the exporter writes to standard output (`dest=-`).
+    pub fn to_stdout(&self) -> bool {
+        self.dest().is_some_and(|dest| dest == Path::new("-"))
+    }
 }
 
 /// Where build cache is imported from or exported to.
@@ -357,29 +390,59 @@ fn boolean(value: Option<&String>, flag: &'static str, spec: &str) -> Result<boo
     }
 }
 
-/// Parses `-o`. A bare path (no `type=`) means `type=local,dest=PATH`, as docker buildx does.
+/// Parses `-o`. A bare path (no `type=`) means `type=local,dest=PATH` and a bare `-` means
+/// `type=tar,dest=-`, as docker buildx does.
 pub fn parse_output(spec: &str) -> Result<Output, UsageError> {
     const FLAG: &str = "--output";
     if !spec.contains('=') {
-        if spec.is_empty() || spec == "-" {
-            return Err(spec_error(FLAG, spec, "a destination is required"));
-        }
-        return Ok(Output::Local {
-            dest: PathBuf::from(spec),
-        });
+        return match spec {
+            "" => Err(spec_error(FLAG, spec, "a destination is required")),
+            "-" => Ok(Output::Tar {
+                dest: PathBuf::from("-"),
+            }),
+            _ => Ok(Output::Local {
+                dest: PathBuf::from(spec),
+            }),
+        };
     }
     let pairs = key_values(spec, FLAG)?;
     let kind = required(&pairs, "type", FLAG, spec)?;
+    let name = |pairs: &BTreeMap<String, String>| -> Result<Option<String>, UsageError> {
+        match pairs.get("name").filter(|name| !name.is_empty()) {
+            Some(name) => {
+                validate_reference(name).map_err(|problem| spec_error(FLAG, spec, problem))?;
+                Ok(Some(name.clone()))
+            }
+            None => Ok(None),
+        }
+    };
     match kind.as_str() {
-        "oci" | "docker" | "local" | "tar" => {
+        "oci" | "docker" => {
+            check_keys(&pairs, &["type", "dest", "name"], FLAG, spec)?;
+            let dest = PathBuf::from(required(&pairs, "dest", FLAG, spec)?);
+            let name = name(&pairs)?;
+            Ok(if kind == "oci" {
+                Output::Oci { dest, name }
+            } else {
+                Output::Docker { dest, name }
+            })
+        }
+        "tar" => {
             check_keys(&pairs, &["type", "dest"], FLAG, spec)?;
             let dest = PathBuf::from(required(&pairs, "dest", FLAG, spec)?);
-            Ok(match kind.as_str() {
-                "oci" => Output::Oci { dest },
-                "docker" => Output::Docker { dest },
-                "local" => Output::Local { dest },
-                _ => Output::Tar { dest },
-            })
+            Ok(Output::Tar { dest })
+        }
+        "local" => {
+            check_keys(&pairs, &["type", "dest"], FLAG, spec)?;
+            let dest = PathBuf::from(required(&pairs, "dest", FLAG, spec)?);
+            if dest == Path::new("-") {
+                return Err(spec_error(
+                    FLAG,
+                    spec,
+                    "type=local writes a directory; use type=tar,dest=- for standard output",
+                ));
+            }
+            Ok(Output::Local { dest })
         }
         "image" | "registry" => {
             check_keys(&pairs, &["type", "name", "push"], FLAG, spec)?;
@@ -391,7 +454,7 @@ pub fn parse_output(spec: &str) -> Result<Output, UsageError> {
         other => Err(spec_error(
             FLAG,
             spec,
-            format!("unknown type {other:?} (oci, docker, local, tar, image)"),
+            format!("unknown type {other:?} (oci, docker, local, tar, image, registry)"),
         )),
     }
 }
@@ -489,9 +552,21 @@ mod tests {
         assert_eq!(
             parse_output("type=oci,dest=out.tar").unwrap(),
             Output::Oci {
-                dest: "out.tar".into()
+                dest: "out.tar".into(),
+                name: None
             }
         );
+        assert_eq!(
+            parse_output("type=docker,dest=-,name=app:v2").unwrap(),
+            Output::Docker {
+                dest: "-".into(),
+                name: Some("app:v2".into())
+            }
+        );
+        assert_eq!(parse_output("-").unwrap(), Output::Tar { dest: "-".into() });
+        assert!(parse_output("type=local,dest=-").is_err());
+        assert!(parse_output("type=tar,dest=x,name=app").is_err());
+        assert!(parse_output("type=oci,dest=x,name=Bad").is_err());
         assert_eq!(
             parse_output("./dir").unwrap(),
             Output::Local {

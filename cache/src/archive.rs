@@ -149,13 +149,15 @@ pub struct SaveItem {
     pub image: Image,
 }
 
-/// Writes `items` as an OCI image layout tar with a docker-archive `manifest.json`. Blobs are
+/// Writes `items` as an OCI image layout tar with a docker-archive `manifest.json` (one entry
+/// per image, naming every tag its items give it). Blobs are
 /// streamed from the store and verified as they are read; entries are sorted and stamped
 /// with mtime 0, so the same images give the same archive.
 pub fn save(store: &Store, items: &[SaveItem], out: impl Write) -> Result<(), ArchiveError> {
     let mut blobs: BTreeMap<Digest, u64> = BTreeMap::new();
     let mut index_manifests = Vec::new();
     let mut docker_manifest = Vec::new();
+    let mut docker_entries: HashMap<Digest, usize> = HashMap::new();
     for item in items {
         let image = &item.image;
         blobs.insert(image.target.digest.clone(), image.target.size);
@@ -176,9 +178,29 @@ pub fn save(store: &Store, items: &[SaveItem], out: impl Write) -> Result<(), Ar
             });
         }
         index_manifests.push(descriptor);
+        let repo_tags: Vec<String> = item
+            .reference
+            .iter()
+            .filter(|reference| reference.tag().is_some())
+            .map(Reference::familiar)
+            .collect();
+        // One manifest.json entry per image with all its names, as `docker save a:1 a:2` writes.
+        if let Some(&position) = docker_entries.get(image.id()) {
+            let entry: &mut serde_json::Value = &mut docker_manifest[position];
+            let tags = entry["RepoTags"]
+                .as_array_mut()
+                .expect("RepoTags is an array");
+            for tag in repo_tags {
+                if !tags.iter().any(|known| known == tag.as_str()) {
+                    tags.push(tag.into());
+                }
+            }
+            continue;
+        }
+        docker_entries.insert(image.id().clone(), docker_manifest.len());
         docker_manifest.push(serde_json::json!({
             "Config": blob_name(&image.config_target.digest),
-            "RepoTags": item.reference.iter().filter(|reference| reference.tag().is_some()).map(Reference::familiar).collect::<Vec<_>>(),
+            "RepoTags": repo_tags,
             "Layers": layers.iter().map(|layer| blob_name(&layer.digest)).collect::<Vec<_>>(),
         }));
     }

@@ -1,6 +1,6 @@
 //! `rbuild build`: read the Dockerfile and `.dockerignore`, plan the build, and print the plan
-//! (`--dry-run`). Executing the plan needs the content store, the sandbox and the solver,
-//! which arrive with their issues; until then a build without `--dry-run` says so and fails.
+//! (`--dry-run`) or run it with the solver, tag the image and write the `-o` outputs
+//! ([`crate::export`]).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -350,11 +350,14 @@ fn build(
 ) -> Status {
     use crate::cli::{NetworkArgument, ProgressArgument};
     use crate::solver::{self, ProgressMode, SolveOptions};
-    if !options.outputs.is_empty() || !options.cache_from.is_empty() || !options.cache_to.is_empty()
-    {
+    if !options.cache_from.is_empty() || !options.cache_to.is_empty() {
         eprintln!(
-            "error: -o, --cache-from and --cache-to are not supported yet; the image goes to the local store (-t)"
+            "error: --cache-from and --cache-to are not supported yet: build cache stays in this root's store"
         );
+        return Status::Usage;
+    }
+    if let Err(message) = crate::export::check(&options.outputs) {
+        eprintln!("error: {message}");
         return Status::Usage;
     }
     let source_date_epoch = options
@@ -431,6 +434,46 @@ fn build(
             started.elapsed().as_secs_f64()
         );
     }
+    let mut outputs = Vec::new();
+    if !options.outputs.is_empty() {
+        let mut exporter = match crate::export::Exporter::new(
+            store,
+            &result.image,
+            &tags,
+            solve_options.source_date_epoch,
+        ) {
+            Ok(exporter) => exporter,
+            Err(error) => return super::image::fail(&error),
+        };
+        for (index, output) in options.outputs.iter().enumerate() {
+            let number = result.steps.len() + 2 + index;
+            let description = describe_output(output);
+            if solve_options.progress != ProgressMode::Quiet {
+                eprintln!("#{number} exporting to {description}");
+            }
+            let started = std::time::Instant::now();
+            if let Err(error) = exporter.export(output) {
+                eprintln!(
+                    "error: exporting to {description}: {}",
+                    super::image::chain_text(&error)
+                );
+                return Status::Failure;
+            }
+            if solve_options.progress != ProgressMode::Quiet {
+                eprintln!("#{number} DONE {:.1}s", started.elapsed().as_secs_f64());
+            }
+            let mut entry = serde_json::json!({"type": output.kind()});
+            match output {
+                crate::options::Output::Image { name, .. } => entry["name"] = name.clone().into(),
+                _ => {
+                    if let Some(dest) = output.dest() {
+                        entry["dest"] = display(dest).into();
+                    }
+                }
+            }
+            outputs.push(entry);
+        }
+    }
     if let Some(path) = &options.metadata_file {
         let steps: Vec<_> = result
             .steps
@@ -449,12 +492,41 @@ fn build(
         let metadata = serde_json::json!({
             "image": {"digest": result.image.digest, "config_digest": result.config_digest, "names": options.tags},
             "steps": steps,
+            "outputs": outputs,
         });
         let bytes = serde_json::to_vec_pretty(&metadata).expect("json");
-        if let Err(error) = rbuild_cache::content::write_atomic(path, &bytes) {
+        // A bare file name has an empty parent, which write_atomic cannot fsync.
+        let path = match path.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => Path::new(".").join(path),
+            _ => path.clone(),
+        };
+        if let Err(error) = rbuild_cache::content::write_atomic(&path, &bytes) {
             return super::image::fail(&error);
         }
     }
-    println!("{}", result.image.digest);
+    // With a tar on standard output, the digest would corrupt the stream.
+    if !options
+        .outputs
+        .iter()
+        .any(crate::options::Output::to_stdout)
+    {
+        println!("{}", result.image.digest);
+    }
     Status::Success
+}
+
+/// `type=oci,dest=out.tar` for progress and errors.
+fn describe_output(output: &crate::options::Output) -> String {
+    match output {
+        crate::options::Output::Image { name, push } => {
+            format!(
+                "type=image,name={name}{}",
+                if *push { ",push=true" } else { "" }
+            )
+        }
+        _ => match output.dest() {
+            Some(dest) => format!("type={},dest={}", output.kind(), dest.display()),
+            None => format!("type={}", output.kind()),
+        },
+    }
 }
