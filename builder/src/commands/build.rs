@@ -374,6 +374,7 @@ fn build(
         source_date_epoch,
         progress: options.progress != ProgressArgument::Quiet,
         jobs: std::thread::available_parallelism().map_or(2, usize::from),
+        secrets: options.secrets.clone(),
     };
     let tags: Vec<rbuild_cache::Reference> = match options
         .tags

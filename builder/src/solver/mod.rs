@@ -39,6 +39,7 @@ use serde_json::{Value, json};
 mod config;
 mod copy;
 mod fingerprint;
+mod mounts;
 mod run;
 
 use config::{apply_config, history_text, push_diff_id, push_history, set_config};
@@ -58,6 +59,8 @@ pub struct SolveOptions {
     pub progress: bool,
     /// How many stages may build at once.
     pub jobs: usize,
+    /// `--secret`s, for `RUN --mount=type=secret` (read when a step mounts them).
+    pub secrets: Vec<crate::options::Secret>,
 }
 
 /// What happened to one step.
@@ -496,7 +499,9 @@ impl Solver {
                 }
             }
             Op::Run(run) => {
-                let key = self.key(step, built, &[], None);
+                // What its mounts read (never cache-mount contents or secrets) is in the key.
+                let inputs = self.mount_inputs(step, run)?;
+                let key = self.key(step, built, &inputs.keys, inputs.checksum.as_deref());
                 let layers = built.layers.clone();
                 let mut fingerprint = self.fingerprint(step, built);
                 fingerprint.env = run
@@ -504,8 +509,10 @@ impl Solver {
                     .iter()
                     .map(|(name, value)| format!("{name}={value}"))
                     .collect();
+                fingerprint.files = inputs.files.clone();
+                fingerprint.inputs = inputs.inputs.clone();
                 self.cached_or(step, built, key, fingerprint, id, |solver, id| {
-                    solver.run(step, run, &layers, id)
+                    solver.run(step, run, &inputs, &layers, id)
                 })?
             }
             Op::Copy(copy) => {
@@ -760,19 +767,24 @@ enum Outcome {
     ConfigOnly,
 }
 
-/// The stages a stage needs finished first: its base and what it copies from.
+/// The stages a stage needs finished first: its base, what it copies from and what its RUN
+/// steps mount.
 fn stage_dependencies(stage: &Stage) -> Vec<usize> {
     let mut needs = Vec::new();
     if let Base::Stage(index) = stage.base {
         needs.push(index);
     }
     for step in &stage.steps {
-        if let Op::Copy(CopyOp {
-            input: Input::Stage(index),
-            ..
-        }) = &step.op
-        {
-            needs.push(*index);
+        match &step.op {
+            Op::Copy(CopyOp {
+                input: Input::Stage(index),
+                ..
+            }) => needs.push(*index),
+            Op::Run(run) => needs.extend(run.mounts.iter().filter_map(|mount| match mount.input {
+                Some(Input::Stage(index)) => Some(index),
+                _ => None,
+            })),
+            _ => {}
         }
     }
     needs
