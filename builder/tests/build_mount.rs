@@ -57,7 +57,16 @@ fn step<'a>(metadata: &'a serde_json::Value, prefix: &str) -> &'a serde_json::Va
 fn run_in(root: &Path, image: &str, script: &str) -> String {
     succeeds(rbuild(
         root,
-        &["run", "--rm", "--network", "none", image, "sh", "-c", script],
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "sh",
+            "-c",
+            script,
+        ],
     ))
 }
 
@@ -72,7 +81,10 @@ fn cache_mount_persists_across_builds_and_stays_out_of_the_image() {
     );
     succeeds(build(&root, &context, "cached:v1", &["--no-cache"]));
     assert_eq!(run_in(&root, "cached:v1", "cat /seen").trim(), "1");
-    assert_eq!(run_in(&root, "cached:v1", "cat /owner").trim(), "1000 1001 700");
+    assert_eq!(
+        run_in(&root, "cached:v1", "cat /owner").trim(),
+        "1000 1001 700"
+    );
     // The mount point was created for the run only: neither it nor its parents are in the
     // image (busybox has no /var/cache), nor the cache's contents.
     assert_eq!(
@@ -167,10 +179,18 @@ fn bind_mounts_read_stages_and_the_context_and_discard_writes() {
     assert_eq!(read("/ro-check"), "read-only\n");
     assert_eq!(read("/listing"), "sub.txt\n");
     // rw writes went nowhere: not to the context, not into the image.
-    assert_eq!(fs::read_to_string(context.join("data.txt")).unwrap(), "hello\n");
+    assert_eq!(
+        fs::read_to_string(context.join("data.txt")).unwrap(),
+        "hello\n"
+    );
     assert!(!context.join("new.txt").exists());
     assert_eq!(
-        run_in(&root, "bound:v1", "test -e /in || test -e /ctx || echo absent").trim(),
+        run_in(
+            &root,
+            "bound:v1",
+            "test -e /in || test -e /ctx || echo absent"
+        )
+        .trim(),
         "absent"
     );
 }
@@ -189,7 +209,10 @@ fn a_context_bind_mount_hides_what_dockerignore_excludes() {
     let listing = run_in(&root, "ignore:v1", "cat /listing");
     assert!(listing.lines().any(|line| line == "data.txt"), "{listing}");
     assert!(!listing.contains("ignored.txt"), "{listing}");
-    assert_eq!(fs::read_to_string(context.join("data.txt")).unwrap(), "hello\n");
+    assert_eq!(
+        fs::read_to_string(context.join("data.txt")).unwrap(),
+        "hello\n"
+    );
 }
 
 #[test]
@@ -334,7 +357,10 @@ fn secrets_are_mounted_but_never_stored() {
     // A changed secret is not a reason to re-run: its content is not in the key.
     fs::write(&secret_file, "another-value").unwrap();
     succeeds(build(&root, &context, "secret:v2", &["--secret", &secret]));
-    assert_eq!(step(&metadata(&context), "RUN --mount=type=secret,id=token sh")["cached"], true);
+    assert_eq!(
+        step(&metadata(&context), "RUN --mount=type=secret,id=token sh")["cached"],
+        true
+    );
 }
 
 #[test]
@@ -364,7 +390,51 @@ fn ssh_mounts_are_not_supported() {
     assert_eq!(output.status.code(), Some(1));
     let error = text(&output.stderr);
     assert!(
-        error.contains("Dockerfile:3: RUN --mount=type=ssh true: --mount=type=ssh is not supported"),
+        error
+            .contains("Dockerfile:3: RUN --mount=type=ssh true: --mount=type=ssh is not supported"),
         "{error}"
     );
+}
+
+#[test]
+fn cache_mounts_are_seeded_from_a_stage_and_binds_read_images() {
+    let directory = TempDirectory::new("cache-seed");
+    let (context, root) = setup(
+        &directory,
+        "FROM busybox AS seed\n\
+         RUN mkdir /s && echo seeded > /s/file\n\
+         FROM busybox\n\
+         RUN --mount=type=cache,id=seeded,target=/c,from=seed,source=/s sh -c 'cat /c/file > /out; echo later >> /c/file'\n\
+         RUN --mount=from=busybox:latest,source=/bin/busybox,target=/image-busybox sh -c 'test -f /image-busybox && echo file > /from-image'\n",
+    );
+    succeeds(build(&root, &context, "seed:v1", &[]));
+    assert_eq!(run_in(&root, "seed:v1", "cat /out"), "seeded\n");
+    assert_eq!(run_in(&root, "seed:v1", "cat /from-image"), "file\n");
+    // Seeded once: the second run sees what the first left in the cache.
+    succeeds(build(&root, &context, "seed:v2", &["--no-cache"]));
+    assert_eq!(run_in(&root, "seed:v2", "cat /out"), "seeded\nlater\n");
+}
+
+#[test]
+fn a_private_cache_mount_in_use_elsewhere_gets_a_fresh_directory() {
+    let directory = TempDirectory::new("cache-private");
+    let (context, root) = setup(
+        &directory,
+        "FROM busybox\nRUN --mount=type=cache,id=private-cache,target=/c,sharing=private sh -c 'ls /c > /listing; touch /c/marker'\n",
+    );
+    succeeds(build(&root, &context, "private:v1", &["--no-cache"]));
+    assert_eq!(run_in(&root, "private:v1", "cat /listing"), "");
+    // Another user holds the cache (as a shared mount would): this run must neither wait
+    // nor see its contents.
+    let lock_path = root.join(format!(
+        "v1/cache-mounts/{}.lock",
+        sha256_hex(b"private-cache")
+    ));
+    let lock = fs::File::open(&lock_path).unwrap();
+    lock.lock_shared().unwrap();
+    succeeds(build(&root, &context, "private:v2", &["--no-cache"]));
+    assert_eq!(run_in(&root, "private:v2", "cat /listing"), "");
+    drop(lock);
+    succeeds(build(&root, &context, "private:v3", &["--no-cache"]));
+    assert_eq!(run_in(&root, "private:v3", "cat /listing"), "marker\n");
 }

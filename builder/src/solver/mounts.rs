@@ -244,8 +244,13 @@ impl Solver {
                     }
                 },
                 MountType::Cache => {
-                    let source =
-                        self.cache_directory(step, mount, mount_op.input.as_ref(), &directory, &mut mounted)?;
+                    let source = self.cache_directory(
+                        step,
+                        mount,
+                        mount_op.input.as_ref(),
+                        &directory,
+                        &mut mounted,
+                    )?;
                     mounted.mounts.push(Mount::Bind {
                         source,
                         destination,
@@ -266,9 +271,10 @@ impl Solver {
         mounted.mounts.sort_by_key(|mount| match mount {
             Mount::Bind { destination, .. }
             | Mount::Overlay { destination, .. }
-            | Mount::Tmpfs { destination, .. } => {
-                destination.split('/').filter(|part| !part.is_empty()).count()
-            }
+            | Mount::Tmpfs { destination, .. } => destination
+                .split('/')
+                .filter(|part| !part.is_empty())
+                .count(),
         });
         Ok(mounted)
     }
@@ -384,7 +390,12 @@ impl Solver {
         mounted: &mut Mounted,
     ) -> Result<(), SolveError> {
         let id = mount.id.clone().unwrap_or_default();
-        let given = self.options.secrets.iter().rev().find(|secret| secret.id == id);
+        let given = self
+            .options
+            .secrets
+            .iter()
+            .rev()
+            .find(|secret| secret.id == id);
         let value: Option<Vec<u8>> = match given.map(|secret| &secret.source) {
             Some(SecretSource::File(path)) => Some(fs::read(path).map_err(|error| {
                 self.step_error(
@@ -392,8 +403,9 @@ impl Solver {
                     format!("secret {id}: cannot read {}: {error}", path.display()),
                 )
             })?),
-            Some(SecretSource::Environment(name)) => std::env::var_os(name)
-                .map(|value| std::os::unix::ffi::OsStringExt::into_vec(value)),
+            Some(SecretSource::Environment(name)) => {
+                std::env::var_os(name).map(std::os::unix::ffi::OsStringExt::into_vec)
+            }
             None => None,
         };
         let Some(value) = value else {
@@ -434,8 +446,11 @@ impl Solver {
             mounted.remove.push(directory.clone());
             let file = directory.join("secret");
             fs::write(&file, &value).map_err(io_error("write", &file))?;
-            fs::set_permissions(&file, fs::Permissions::from_mode(mount.mode.unwrap_or(0o400)))
-                .map_err(io_error("chmod", &file))?;
+            fs::set_permissions(
+                &file,
+                fs::Permissions::from_mode(mount.mode.unwrap_or(0o400)),
+            )
+            .map_err(io_error("chmod", &file))?;
             std::os::unix::fs::lchown(&file, mount.uid.or(Some(0)), mount.gid.or(Some(0)))
                 .map_err(io_error("chown", &file))?;
             mounted.mounts.push(Mount::Bind {
