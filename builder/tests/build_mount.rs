@@ -438,3 +438,44 @@ fn a_private_cache_mount_in_use_elsewhere_gets_a_fresh_directory() {
     succeeds(build(&root, &context, "private:v3", &["--no-cache"]));
     assert_eq!(run_in(&root, "private:v3", "cat /listing"), "marker\n");
 }
+
+#[test]
+fn mount_sources_cannot_reach_outside_their_stage_or_context() {
+    let directory = TempDirectory::new("mount-escape");
+    let (context, root) = setup(
+        &directory,
+        "FROM busybox AS build\n\
+         RUN mkdir /box && ln -s ../../../../../.. /box/up && ln -s / /box/absolute\n\
+         FROM busybox\n\
+         RUN --mount=from=build,source=/box/up,target=/m sh -c 'test -d /m/box && echo inside > /relative'\n\
+         RUN --mount=from=build,source=/box/absolute,target=/m sh -c 'test -d /m/box && echo inside > /absolute'\n\
+         RUN --mount=target=/ctx,rw sh -c 'echo pwned > /ctx/link/planted; echo pwned > /ctx/link/file; true'\n",
+    );
+    let victim = directory.join("victim");
+    fs::create_dir(&victim).unwrap();
+    fs::write(victim.join("file"), "untouched\n").unwrap();
+    std::os::unix::fs::symlink("../victim", context.join("link")).unwrap();
+    succeeds(build(&root, &context, "escape:v1", &[]));
+    assert_eq!(run_in(&root, "escape:v1", "cat /relative"), "inside\n");
+    assert_eq!(run_in(&root, "escape:v1", "cat /absolute"), "inside\n");
+    assert_eq!(
+        fs::read_to_string(victim.join("file")).unwrap(),
+        "untouched\n"
+    );
+    assert!(!victim.join("planted").exists());
+
+    // A context source outside the context is an error naming the line.
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox\nRUN --mount=source=../victim,target=/v cat /v/file\n",
+    )
+    .unwrap();
+    let output = build(&root, &context, "escape:v2", &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let error = text(&output.stderr);
+    assert!(
+        error.contains("Dockerfile:2: RUN --mount=source=../victim"),
+        "{error}"
+    );
+    assert!(!error.contains("untouched"), "{error}");
+}
