@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
@@ -25,6 +25,8 @@ pub struct PruneReport {
     pub snapshots_removed: usize,
     /// Writable layers of finished containers deleted.
     pub containers_removed: usize,
+    /// `RUN --mount=type=cache` directories deleted (with `--all`).
+    pub cache_mounts_removed: usize,
     /// Whether prune had to wait for other rbuild processes.
     pub waited: bool,
 }
@@ -39,6 +41,20 @@ pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
     };
     if all {
         report.cache_records_removed = store.cache().clear()?;
+        // Cache mounts are build cache too; with the exclusive lock held no build uses one.
+        let cache_mounts = cache_mounts_directory(store);
+        if let Ok(entries) = fs::read_dir(&cache_mounts) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                report.bytes_freed += tree_size(&path).0;
+                fs::remove_dir_all(&path)
+                    .or_else(|_| fs::remove_file(&path))
+                    .map_err(StoreError::io("remove", &path))?;
+                if !entry.file_name().to_string_lossy().ends_with(".lock") {
+                    report.cache_mounts_removed += 1;
+                }
+            }
+        }
     }
     // Snapshots of layers no image uses any more, and unpacks a killed process left behind.
     let used = if all {
@@ -81,6 +97,12 @@ pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
     }
     report.bytes_freed += store.content().remove_stale_ingests()?;
     Ok(report)
+}
+
+/// Where `RUN --mount=type=cache` directories live: `ROOT/v1/cache-mounts/<sha256 of the id>`,
+/// each with a `<hex>.lock` beside it for `sharing=locked` and `private`.
+pub fn cache_mounts_directory(store: &Store) -> PathBuf {
+    store.directory().join("cache-mounts")
 }
 
 /// The hex diff ids of every layer of every named or dangling image.
@@ -207,6 +229,7 @@ pub fn disk_usage(store: &Store) -> DiskUsage {
         ("cache index", store.cache().directory().to_path_buf()),
         ("snapshots", store.snapshots_directory().to_path_buf()),
         ("containers", store.containers_directory()),
+        ("cache mounts", cache_mounts_directory(store)),
     ];
     let mut usage = DiskUsage::default();
     let mut counted = (0, 0, 0);

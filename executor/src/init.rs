@@ -412,6 +412,8 @@ struct ChildContext<'a> {
     seccomp: Option<&'a SeccompProgram>,
     root: PathBuf,
     empty_lower: PathBuf,
+    /// Where the overlays of [`Mount::Overlay`] are mounted before the pivot.
+    overlays: PathBuf,
     etc_files: [(&'static str, PathBuf); 3],
 }
 
@@ -434,6 +436,7 @@ fn helper(channel: &mut File, caller: Pid) -> Result<(Report, i32), InitError> {
         seccomp: seccomp.as_ref(),
         root: scratch.mkdir("root")?,
         empty_lower: scratch.mkdir("empty")?,
+        overlays: scratch.mkdir("overlays")?,
         etc_files: [
             (
                 "/etc/hosts",
@@ -785,8 +788,37 @@ fn child_setup(
         etc_files.push((*destination, tree));
     }
     let mut prepared = Vec::new();
-    for mount in &spec.mounts {
+    for (index, mount) in spec.mounts.iter().enumerate() {
         prepared.push(match mount {
+            Mount::Overlay {
+                lower,
+                upper,
+                work,
+                source,
+                destination,
+                readonly,
+            } => {
+                let mount_point = context.overlays.join(index.to_string());
+                std::fs::create_dir(&mount_point).map_err(|source| {
+                    MountError::CreateMountPoint {
+                        path: mount_point.display().to_string(),
+                        source,
+                    }
+                })?;
+                let lower: Vec<&Path> = if lower.is_empty() {
+                    vec![context.empty_lower.as_path()]
+                } else {
+                    lower.iter().map(PathBuf::as_path).collect()
+                };
+                let (tree, directory) =
+                    mounts::open_overlay_source(&lower, upper, work, &mount_point, source)?;
+                PreparedMount::Bind {
+                    tree,
+                    destination: mounts::normalize_destination(destination)?,
+                    readonly: *readonly,
+                    directory,
+                }
+            }
             Mount::Bind {
                 source,
                 destination,

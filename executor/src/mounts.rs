@@ -748,29 +748,7 @@ pub fn mount_rootfs(rootfs: &RootFs, target: &Path, empty_lower: &Path) -> Resul
             } else {
                 lower.iter().map(PathBuf::as_path).collect()
             };
-            let mount_overlay = |extra: &str| -> Result<(), MountError> {
-                let options = overlay_options(&lower, upper, work, extra)?;
-                if let Some(directory) = &options.chdir {
-                    nix::unistd::chdir(directory.as_path()).map_err(|e| error("overlay", e))?;
-                }
-                nix::mount::mount(
-                    Some("overlay"),
-                    target,
-                    Some("overlay"),
-                    MsFlags::empty(),
-                    Some(options.data.as_str()),
-                )
-                .map_err(|e| error("overlay", e))
-            };
-            match mount_overlay(OVERLAY_EXTRA_OPTIONS) {
-                // Kernels before 5.10 know no `volatile`: mount as they can.
-                Err(MountError::Mount { source, .. })
-                    if source.raw_os_error() == Some(libc::EINVAL) =>
-                {
-                    mount_overlay("")
-                }
-                other => other,
-            }
+            mount_overlay(&lower, upper, work, target)
         }
         RootFs::Directory(directory) => nix::mount::mount(
             Some(directory.as_path()),
@@ -781,6 +759,89 @@ pub fn mount_rootfs(rootfs: &RootFs, target: &Path, empty_lower: &Path) -> Resul
         )
         .map_err(|e| error(&directory.display().to_string(), e)),
     }
+}
+
+/// Mounts an overlay of `lower` (topmost first), `upper` and `work` at `target`, with the
+/// options that keep `upper` a plain layer. May change the working directory.
+fn mount_overlay(
+    lower: &[&Path],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
+    let error = |source: nix::errno::Errno| MountError::Mount {
+        what: "overlay".to_string(),
+        target: target.display().to_string(),
+        source: source.into(),
+    };
+    let mount = |extra: &str| -> Result<(), MountError> {
+        let options = overlay_options(lower, upper, work, extra)?;
+        if let Some(directory) = &options.chdir {
+            nix::unistd::chdir(directory.as_path()).map_err(error)?;
+        }
+        nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.data.as_str()),
+        )
+        .map_err(error)
+    };
+    match mount(OVERLAY_EXTRA_OPTIONS) {
+        // Kernels before 5.10 know no `volatile`: mount as they can.
+        Err(MountError::Mount { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            mount("")
+        }
+        other => other,
+    }
+}
+
+/// Mounts an overlay of `lower`, `upper` and `work` at `mount_point` (a directory of the
+/// helper's scratch space, before the pivot) and opens `source` inside it as a detached
+/// mount tree, to be attached inside the root after the pivot like a bind source. `source`
+/// is resolved with the overlay as its root: an image's symbolic links cannot lead out of
+/// it. Returns the tree and whether it is a directory.
+pub fn open_overlay_source(
+    lower: &[&Path],
+    upper: &Path,
+    work: &Path,
+    mount_point: &Path,
+    source: &str,
+) -> Result<(OwnedFd, bool), MountError> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    mount_overlay(lower, upper, work, mount_point)?;
+    let error = |source_error: io::Error| MountError::BindSource {
+        path: mount_point.join(source.trim_start_matches('/')),
+        source: source_error,
+    };
+    let overlay = rustix::fs::open(
+        mount_point,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| error(errno.into()))?;
+    let relative = source.trim_start_matches('/');
+    let found = rustix::fs::openat2(
+        &overlay,
+        if relative.is_empty() { "." } else { relative },
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV,
+    )
+    .map_err(|errno| error(errno.into()))?;
+    let directory = rustix::fs::fstat(&found)
+        .map(|stat| rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir())
+        .map_err(|errno| error(errno.into()))?;
+    let tree = open_tree(
+        &found,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|errno| error(errno.into()))?;
+    Ok((tree, directory))
 }
 
 /// Makes `new_root` the root of this mount namespace and detaches the old one, without

@@ -59,6 +59,24 @@ pub enum Mount {
         /// Mounted read-only.
         readonly: bool,
     },
+    /// A path of a fresh overlay of `lower` (read-only directories, topmost first) over its
+    /// own `upper` and `work`, bind-mounted at `destination`: how a build mounts another
+    /// stage's filesystem. `source` is resolved inside the overlay (symbolic links cannot
+    /// leave it). Writes land in `upper`, which the caller discards.
+    Overlay {
+        /// Read-only directories, topmost first (none: an empty directory).
+        lower: Vec<PathBuf>,
+        /// Receives the writes (empty, on the same filesystem as `work`).
+        upper: PathBuf,
+        /// overlayfs's scratch directory (empty).
+        work: PathBuf,
+        /// The path inside the overlay to mount (`/` for all of it).
+        source: String,
+        /// Absolute path inside.
+        destination: String,
+        /// Mounted read-only.
+        readonly: bool,
+    },
     /// An empty tmpfs.
     Tmpfs {
         /// Absolute path inside.

@@ -391,6 +391,7 @@ fn build(
             || std::thread::available_parallelism().map_or(2, usize::from),
             usize::from,
         ),
+        secrets: options.secrets.clone(),
     };
     let tags: Vec<rbuild_cache::Reference> = match options
         .tags

@@ -41,6 +41,7 @@ mod config;
 mod copy;
 mod fingerprint;
 mod progress;
+mod mounts;
 mod run;
 
 use progress::Progress;
@@ -63,6 +64,8 @@ pub struct SolveOptions {
     pub progress: ProgressMode,
     /// How many steps may run at once (RUN, COPY, ADD, WORKDIR: cache hits included).
     pub jobs: usize,
+    /// `--secret`s, for `RUN --mount=type=secret` (read when a step mounts them).
+    pub secrets: Vec<crate::options::Secret>,
 }
 
 /// What happened to one step.
@@ -561,7 +564,9 @@ impl Solver {
                 }
             }
             Op::Run(run) => {
-                let key = self.key(step, built, &[], None);
+                // What its mounts read (never cache-mount contents or secrets) is in the key.
+                let inputs = self.mount_inputs(step, run)?;
+                let key = self.key(step, built, &inputs.keys, inputs.checksum.as_deref());
                 let layers = built.layers.clone();
                 let mut fingerprint = self.fingerprint(step, built);
                 fingerprint.env = run
@@ -569,8 +574,10 @@ impl Solver {
                     .iter()
                     .map(|(name, value)| format!("{name}={value}"))
                     .collect();
+                fingerprint.files = inputs.files.clone();
+                fingerprint.inputs = inputs.inputs.clone();
                 self.cached_or(step, built, key, fingerprint, id, |solver, id| {
-                    solver.run(step, run, &layers, id)
+                    solver.run(step, run, &inputs, &layers, id)
                 })?
             }
             Op::Copy(copy) => {

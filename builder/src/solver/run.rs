@@ -1,5 +1,6 @@
 //! RUN steps: the sandbox over the stage's snapshots, output streamed to progress.
 
+use super::mounts::MountInputs;
 use super::*;
 
 impl Solver {
@@ -7,14 +8,26 @@ impl Solver {
         &self,
         step: &Step,
         run: &RunOp,
+        inputs: &MountInputs,
         layers: &[LayerRecord],
         id: usize,
     ) -> Result<Option<LayerRecord>, SolveError> {
-        if !run.mounts.is_empty() {
-            return Err(self.step_error(step, "RUN --mount is not supported yet"));
-        }
         let lower = self.snapshot_directories(layers)?;
         let scratch = self.scratch_directory("run")?;
+        let result = self.run_in(step, run, inputs, lower, &scratch, id);
+        let _ = fs::remove_dir_all(&scratch);
+        result
+    }
+
+    fn run_in(
+        &self,
+        step: &Step,
+        run: &RunOp,
+        inputs: &MountInputs,
+        lower: Vec<PathBuf>,
+        scratch: &Path,
+        id: usize,
+    ) -> Result<Option<LayerRecord>, SolveError> {
         let (upper, work) = (scratch.join("upper"), scratch.join("work"));
         for directory in [&upper, &work] {
             fs::create_dir_all(directory).map_err(io_error("create", directory))?;
@@ -22,6 +35,7 @@ impl Solver {
         let mut env: Vec<String> = run
             .env
             .iter()
+            .chain(&run.proxy_env)
             .map(|(key, value)| format!("{key}={value}"))
             .collect();
         if !run.env.iter().any(|(key, _)| key == "PATH") {
@@ -46,6 +60,10 @@ impl Solver {
             NetworkMode::Host => Network::Host,
             NetworkMode::Default => self.options.default_network,
         };
+        // Held (cache locks, secret files) until the process is gone.
+        let mut mounted = self.prepare_mounts(step, run, inputs, scratch)?;
+        spec.process.env.append(&mut mounted.env);
+        spec.mounts.append(&mut mounted.mounts);
         for script in &run.script_files {
             let file = scratch.join(format!("script-{}", spec.mounts.len()));
             fs::write(&file, &script.content).map_err(io_error("write", &file))?;
@@ -92,15 +110,15 @@ impl Solver {
             canceller.cancel();
         }
         let result = sandbox::run(&spec, run_options);
+        drop(mounted);
         self.running
             .lock()
             .unwrap_or_else(|error| error.into_inner())
             .retain(|running| !running.same_as(&canceller));
         if self.failed.load(Ordering::SeqCst) {
-            let _ = fs::remove_dir_all(&scratch);
             return Err(SolveError::Cancelled);
         }
-        let outcome = match result {
+        match result {
             Ok(result) if result.success() => self.layer_from(&upper, LayerSource::OverlayUpper),
             Ok(result) => {
                 let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
@@ -118,8 +136,6 @@ impl Solver {
                 Err(self.step_error(step, problem))
             }
             Err(error) => Err(self.step_error(step, crate::commands::image::chain_text(&error))),
-        };
-        let _ = fs::remove_dir_all(&scratch);
-        outcome
+        }
     }
 }
