@@ -36,8 +36,10 @@ use rbuild_frontend::graph::{
 use rbuild_frontend::instructions::NetworkMode;
 use serde_json::{Value, json};
 
+mod archive;
 mod config;
 mod copy;
+mod fetch;
 mod fingerprint;
 mod run;
 
@@ -513,7 +515,7 @@ impl Solver {
                     stages: inputs,
                     checksum,
                     files,
-                    selection,
+                    prepared,
                 } = self.copy_inputs(step, copy)?;
                 let key = self.key(step, built, &inputs, checksum.as_deref());
                 let layers = built.layers.clone();
@@ -534,7 +536,7 @@ impl Solver {
                     Input::Context => Vec::new(),
                 };
                 self.cached_or(step, built, key, fingerprint, id, |solver, _| {
-                    solver.copy(step, copy, selection.as_ref(), &layers)
+                    solver.copy(step, copy, &prepared, &layers)
                 })?
             }
         };
