@@ -90,10 +90,9 @@ impl Solver {
             .collect();
         for url in &urls {
             if !copy.is_add {
-                return Err(self.step_error(
-                    step,
-                    format!("COPY does not fetch URLs ({url}); use ADD"),
-                ));
+                return Err(
+                    self.step_error(step, format!("COPY does not fetch URLs ({url}); use ADD"))
+                );
             }
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(self.step_error(
@@ -102,10 +101,14 @@ impl Solver {
                 ));
             }
             if !matches!(copy.input, Input::Context) {
-                return Err(self.step_error(step, format!("ADD --from does not fetch URLs ({url})")));
+                return Err(
+                    self.step_error(step, format!("ADD --from does not fetch URLs ({url})"))
+                );
             }
             if copy.options.parents {
-                return Err(self.step_error(step, format!("--parents does not apply to URLs ({url})")));
+                return Err(
+                    self.step_error(step, format!("--parents does not apply to URLs ({url})"))
+                );
             }
         }
         let checksum = self.checksum(step, copy)?;
@@ -159,8 +162,7 @@ impl Solver {
                             .modified
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |since| since.as_secs());
-                        let content =
-                            format!("{} {} {modified}", download.digest, download.name);
+                        let content = format!("{} {} {modified}", download.digest, download.name);
                         inputs.prepared.downloads.insert(url.clone(), download);
                         content
                     }
@@ -268,13 +270,13 @@ impl Solver {
             Some(chown) => Some(self.resolve_owner(step, chown, layers)?),
             None => None,
         };
-        let mode = match &copy.options.chmod {
-            Some(chmod) => Some(
-                ModeChange::parse(chmod)
-                    .map_err(|problem| self.step_error(step, format!("--chmod={chmod}: {problem}")))?,
-            ),
-            None => None,
-        };
+        let mode =
+            match &copy.options.chmod {
+                Some(chmod) => Some(ModeChange::parse(chmod).map_err(|problem| {
+                    self.step_error(step, format!("--chmod={chmod}: {problem}"))
+                })?),
+                None => None,
+            };
         let mode = mode.as_ref();
         let parents = copy.options.parents;
         // (source path on disk, path in the destination tree relative to the root)
@@ -493,7 +495,8 @@ impl Solver {
                 let kept = match kept_paths.get(&file.root) {
                     Some(kept) => kept.clone(),
                     None => {
-                        let kept = self.kept_path(step, &local[root.source_index], &root.matched)?;
+                        let kept =
+                            self.kept_path(step, &local[root.source_index], &root.matched)?;
                         let (pivot, _) = split_pivot(&local[root.source_index]);
                         make_parents(tree, base, &kept, ownership, mode, |prefix| {
                             fs::symlink_metadata(self.context.join(join_relative(&pivot, prefix)))
@@ -1040,11 +1043,17 @@ mod tests {
             split_pivot("./x/./y/z"),
             ("x".to_string(), "y/z".to_string())
         );
-        assert_eq!(split_pivot("./x/a.txt"), (String::new(), "x/a.txt".to_string()));
+        assert_eq!(
+            split_pivot("./x/a.txt"),
+            (String::new(), "x/a.txt".to_string())
+        );
         assert_eq!(
             split_pivot("/app/./bin/tool"),
             ("app".to_string(), "bin/tool".to_string())
         );
-        assert_eq!(split_pivot("/app/bin"), (String::new(), "app/bin".to_string()));
+        assert_eq!(
+            split_pivot("/app/bin"),
+            (String::new(), "app/bin".to_string())
+        );
     }
 }

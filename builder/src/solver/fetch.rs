@@ -370,7 +370,10 @@ mod tests {
         );
         assert_eq!(disposition_file_name("attachment; filename=\"dir/\""), None);
         assert_eq!(disposition_file_name("inline"), None);
-        assert_eq!(url_file_name("http://127.0.0.1:1/a/b/file.txt?x=1"), "file.txt");
+        assert_eq!(
+            url_file_name("http://127.0.0.1:1/a/b/file.txt?x=1"),
+            "file.txt"
+        );
         assert_eq!(url_file_name("http://127.0.0.1:1/a/dir/"), "dir");
         assert_eq!(url_file_name("http://127.0.0.1:1/a%20b"), "a b");
         assert_eq!(url_file_name("http://127.0.0.1:1/"), UNNAMED);
