@@ -497,16 +497,25 @@ fn add_downloads_urls_checks_checksums_and_caches_by_content() {
         b"a,b\n",
         &[("Content-Disposition", "attachment; filename=\"report.csv\"")],
     );
+    archive_context(&context, "bundled\n");
+    server.serve(
+        "/files/bundle.tar.gz",
+        &fs::read(context.join("gz.tar.gz")).unwrap(),
+        &[],
+    );
     let tool_digest = sha256_hex(b"tool v1\n");
     let dockerfile = format!(
         "FROM busybox\n\
          ADD --checksum=sha256:{tool_digest} {tool} /downloads/\n\
          ADD {data} /data/named.txt\n\
          ADD {report} /reports/\n\
-         ADD --chmod=u+x,go+r --chown=7:8 --checksum=sha256:{tool_digest} {tool} /bin-tool\n",
+         ADD --chmod=u+x,go+r --chown=7:8 --checksum=sha256:{tool_digest} {tool} /bin-tool\n\
+         ADD {bundle} /packed/\n\
+         ADD --unpack=true {bundle} /unpacked/\n",
         tool = server.url("/files/tool.txt"),
         data = server.url("/files/data.txt"),
         report = server.url("/download?id=7"),
+        bundle = server.url("/files/bundle.tar.gz"),
     );
     fs::write(context.join("Dockerfile"), &dockerfile).unwrap();
     let first = build_ok(&root, &context, "urls");
@@ -523,6 +532,11 @@ fn add_downloads_urls_checks_checksums_and_caches_by_content() {
          /downloads/tool.txt 600 0 0 1445412480\n\
          /data/named.txt 600 0 0 0\n\
          /bin-tool 744 7 8 1445412480\n"
+    );
+    // URLs are extracted only when asked to.
+    assert_eq!(
+        run(&root, "urls", "ls /packed; cat /unpacked/payload/hello.txt"),
+        "bundle.tar.gz\nbundled\n"
     );
     let tool_requests = server.requests_of("/files/tool.txt");
 
