@@ -45,6 +45,25 @@ pub const DEFAULT_SHELL: &[&str] = &["/bin/sh", "-c"];
 /// Where heredoc scripts with a shebang are mounted for RUN, as BuildKit does.
 pub const SCRIPT_MOUNT_DIRECTORY: &str = "/dev/pipes";
 
+/// `--chmod` octal: digits, at most 0o7777.
+fn is_octal_mode(mode: &str) -> bool {
+    !mode.is_empty() && u32::from_str_radix(mode, 8).is_ok_and(|value| value <= 0o7777)
+}
+
+/// `--chmod` symbolic, chmod(1)'s grammar: comma-separated `[ugoa]*([-+=]([rwxXst]*|[ugo]))+`
+/// (the solver applies it per file).
+fn is_symbolic_mode(mode: &str) -> bool {
+    mode.split(',').all(|clause| {
+        let actions = clause.trim_start_matches(['u', 'g', 'o', 'a']);
+        actions.starts_with(['+', '-', '=']) && {
+            actions.split(['+', '-', '=']).skip(1).all(|permissions| {
+                matches!(permissions, "u" | "g" | "o")
+                    || permissions.chars().all(|letter| "rwxXst".contains(letter))
+            })
+        }
+    })
+}
+
 /// An OS/architecture/variant triple (`linux/arm64/v8`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Platform {
@@ -1323,13 +1342,15 @@ impl<'a> Planner<'a> {
             ..written.clone()
         };
         if let Some(mode) = &options.chmod
-            && (mode.is_empty()
-                || u32::from_str_radix(mode, 8).map_or(true, |value| value > 0o7777))
+            && !is_octal_mode(mode)
+            && !is_symbolic_mode(mode)
         {
             return Err(Error::at(
                 ErrorKind::InvalidFlagValue {
                     flag: "chmod".into(),
-                    problem: format!("{mode:?} is not an octal mode such as 0755"),
+                    problem: format!(
+                        "{mode:?} is not an octal mode such as 0755 or a symbolic one such as u+x,go-w"
+                    ),
                 },
                 instruction.location,
                 instruction.original.as_str(),

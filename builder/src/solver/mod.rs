@@ -37,8 +37,10 @@ use rbuild_frontend::instructions::NetworkMode;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
+mod archive;
 mod config;
 mod copy;
+mod fetch;
 mod fingerprint;
 mod progress;
 mod mounts;
@@ -585,7 +587,7 @@ impl Solver {
                     stages: inputs,
                     checksum,
                     files,
-                    selection,
+                    prepared,
                 } = self.copy_inputs(step, copy)?;
                 let key = self.key(step, built, &inputs, checksum.as_deref());
                 let layers = built.layers.clone();
@@ -606,7 +608,7 @@ impl Solver {
                     Input::Context => Vec::new(),
                 };
                 self.cached_or(step, built, key, fingerprint, id, |solver, _| {
-                    solver.copy(step, copy, selection.as_ref(), &layers)
+                    solver.copy(step, copy, &prepared, &layers)
                 })?
             }
         };
