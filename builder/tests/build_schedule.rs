@@ -204,3 +204,133 @@ fn the_tty_view_shows_each_step_and_its_result() {
     ));
     assert_eq!(output, "second\n");
 }
+
+/// The dry-run plan's prediction for the step whose instruction starts with `prefix`.
+fn prediction(plan: &serde_json::Value, prefix: &str) -> String {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["instruction"].as_str().unwrap().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no step {prefix:?} in {plan}"))["prediction"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Every file under `root` with its size and modification time.
+fn listing(root: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        for entry in fs::read_dir(&directory).unwrap() {
+            let entry = entry.unwrap();
+            let metadata = entry.metadata().unwrap();
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else {
+                files.push((entry.path(), metadata.len(), metadata.modified().unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_dry_run_predicts_hits_and_names_what_would_miss() {
+    let directory = TempDirectory::new("predict");
+    let context = directory.join("demo");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo"))
+        .arg(&context)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = directory.join("root");
+    succeeds(rbuild(
+        &root,
+        &["import", busybox_tar().to_str().unwrap(), "busybox:latest"],
+    ));
+    let plan = |root: &Path| -> serde_json::Value {
+        let output = succeeds(rbuild(
+            root,
+            &[
+                "build",
+                "--dry-run",
+                "--format",
+                "json",
+                context.to_str().unwrap(),
+            ],
+        ));
+        serde_json::from_str(&output).unwrap()
+    };
+    let before = plan(&root);
+    assert_eq!(
+        prediction(&before, "COPY greeting.txt"),
+        "would run: no earlier build of this step in this root"
+    );
+    succeeds(rbuild(
+        &root,
+        &[
+            "build",
+            "-t",
+            "demo",
+            "--progress",
+            "plain",
+            context.to_str().unwrap(),
+        ],
+    ));
+    let unchanged = plan(&root);
+    for step in [
+        "WORKDIR /src",
+        "COPY greeting.txt",
+        "RUN <<EOF",
+        "RUN echo",
+        "COPY --chmod",
+    ] {
+        assert_eq!(
+            prediction(&unchanged, step),
+            "CACHED",
+            "{step}: {unchanged}"
+        );
+    }
+    // One edited file: the steps that read it and their descendants would run, and say why.
+    fs::write(context.join("greeting.txt"), "changed\n").unwrap();
+    let files_before = listing(&root.join("v1"));
+    let changed = plan(&root);
+    assert_eq!(
+        prediction(&changed, "COPY greeting.txt"),
+        "would run: file changed: greeting.txt"
+    );
+    assert_eq!(
+        prediction(&changed, "RUN <<EOF"),
+        "would run: the step it builds on changed"
+    );
+    assert_eq!(
+        prediction(&changed, "COPY --from=build"),
+        "would run: what it copies from changed: build"
+    );
+    assert_eq!(prediction(&changed, "RUN echo"), "CACHED");
+    assert_eq!(
+        prediction(&changed, "COPY --from=credits"),
+        "would run: the step it builds on changed"
+    );
+    // Nothing ran and nothing in the store changed but the context's stat cache.
+    let files_after = listing(&root.join("v1"));
+    let differences: Vec<_> = files_after
+        .iter()
+        .filter(|file| !files_before.contains(file))
+        .filter(|(path, _, _)| !path.to_string_lossy().contains("context-cache"))
+        .collect();
+    assert!(differences.is_empty(), "a dry run wrote {differences:?}");
+    let text_plan = succeeds(rbuild(
+        &root,
+        &["build", "--dry-run", context.to_str().unwrap()],
+    ));
+    assert!(
+        text_plan.contains("would run: file changed: greeting.txt"),
+        "{text_plan}"
+    );
+}

@@ -79,7 +79,36 @@ pub fn run(options: &BuildOptions) -> Status {
             ignore.map(|(_, matcher)| matcher),
         );
     }
-    let plan = Plan::new(&display_name, &graph, ignore.as_ref(), &images);
+    // With a store, each step is looked up in its cache as a build would (nothing runs).
+    let predictions = match &store {
+        Some(store) => match crate::solver::predict(
+            store.clone(),
+            &graph,
+            &display_name,
+            &options.context,
+            ignore.as_ref().map(|(_, matcher)| matcher.clone()),
+            &solve_options(options),
+        ) {
+            Ok(reports) => Some(
+                reports
+                    .into_iter()
+                    .map(|report| ((report.stage, report.position), report))
+                    .collect(),
+            ),
+            Err(error) => {
+                eprintln!("error: {}", super::image::chain_text(&error));
+                return Status::Failure;
+            }
+        },
+        None => None,
+    };
+    let plan = Plan::new(
+        &display_name,
+        &graph,
+        ignore.as_ref(),
+        &images,
+        predictions.as_ref(),
+    );
     let printed = match options.format {
         PlanFormat::Text => plan.text(),
         PlanFormat::Json => serde_json::to_string_pretty(&plan)
@@ -196,6 +225,7 @@ impl Plan {
         graph: &BuildGraph,
         ignore: Option<&(PathBuf, IgnoreMatcher)>,
         images: &StoreImages<'_>,
+        predictions: Option<&Predictions>,
     ) -> Self {
         let stages = graph
             .stages
@@ -211,7 +241,7 @@ impl Plan {
         let steps = graph
             .dependency_order()
             .into_iter()
-            .map(|vertex| planned_step(graph, vertex, images))
+            .map(|vertex| planned_step(graph, vertex, images, predictions))
             .collect();
         Self {
             dockerfile: dockerfile.to_string(),
@@ -260,7 +290,15 @@ impl Plan {
     }
 }
 
-fn planned_step(graph: &BuildGraph, vertex: Vertex, images: &StoreImages<'_>) -> PlannedStep {
+/// Predicted step reports by (stage, position).
+type Predictions = std::collections::HashMap<(usize, usize), crate::solver::StepReport>;
+
+fn planned_step(
+    graph: &BuildGraph,
+    vertex: Vertex,
+    images: &StoreImages<'_>,
+    predictions: Option<&Predictions>,
+) -> PlannedStep {
     let (stage_index, position) = match vertex {
         Vertex::Base { stage } => (stage, 0),
         Vertex::Step { stage, step } => (stage, step + 1),
@@ -297,14 +335,23 @@ fn planned_step(graph: &BuildGraph, vertex: Vertex, images: &StoreImages<'_>) ->
             },
         },
         Some(step) => {
-            let (kind, prediction) = match &step.op {
-                Op::Run(_) => ("run", "would run: no build cache in this root yet"),
-                Op::Copy(copy) if copy.is_add => {
-                    ("add", "would run: no build cache in this root yet")
-                }
-                Op::Copy(_) => ("copy", "would run: no build cache in this root yet"),
-                Op::Workdir { .. } => ("workdir", "would run: no build cache in this root yet"),
-                Op::Config(_) => ("config", "image config only"),
+            let kind = match &step.op {
+                Op::Run(_) => "run",
+                Op::Copy(copy) if copy.is_add => "add",
+                Op::Copy(_) => "copy",
+                Op::Workdir { .. } => "workdir",
+                Op::Config(_) => "config",
+            };
+            let predicted =
+                predictions.map(|predictions| predictions.get(&(stage_index, position)));
+            let prediction = match (&step.op, predicted) {
+                (Op::Config(_), _) => "image config only".to_string(),
+                (_, None) => "would run: no build cache in this root yet".to_string(),
+                (_, Some(None)) => "would run: a stage it needs could not be predicted".to_string(),
+                (_, Some(Some(report))) => match &report.miss_reason {
+                    Some(reason) => reason.clone(),
+                    None => "CACHED".to_string(),
+                },
             };
             let origin = if step.from_onbuild {
                 " (ONBUILD trigger of the base)"
@@ -340,33 +387,17 @@ fn display(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Runs the build, tags the image and writes the metadata file.
-fn build(
-    options: &BuildOptions,
-    store: &std::sync::Arc<Store>,
-    graph: &BuildGraph,
-    display_name: &str,
-    ignore: Option<IgnoreMatcher>,
-) -> Status {
+/// How to solve, from the command line.
+fn solve_options(options: &BuildOptions) -> crate::solver::SolveOptions {
     use crate::cli::{NetworkArgument, ProgressArgument};
-    use crate::solver::{self, ProgressMode, SolveOptions};
-    if !options.cache_from.is_empty() || !options.cache_to.is_empty() {
-        eprintln!(
-            "error: --cache-from and --cache-to are not supported yet: build cache stays in this root's store"
-        );
-        return Status::Usage;
-    }
-    if let Err(message) = crate::export::check(&options.outputs) {
-        eprintln!("error: {message}");
-        return Status::Usage;
-    }
+    use crate::solver::{ProgressMode, SolveOptions};
     let source_date_epoch = options
         .build_args
         .get("SOURCE_DATE_EPOCH")
         .cloned()
         .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
         .and_then(|text| text.parse::<i64>().ok());
-    let solve_options = SolveOptions {
+    SolveOptions {
         no_cache: options.no_cache,
         default_network: match options.network {
             NetworkArgument::None => rbuild_executor::spec::Network::None,
@@ -392,7 +423,30 @@ fn build(
             usize::from,
         ),
         secrets: options.secrets.clone(),
-    };
+        dry_run: false,
+    }
+}
+
+/// Runs the build, tags the image and writes the metadata file.
+fn build(
+    options: &BuildOptions,
+    store: &std::sync::Arc<Store>,
+    graph: &BuildGraph,
+    display_name: &str,
+    ignore: Option<IgnoreMatcher>,
+) -> Status {
+    use crate::solver::{self, ProgressMode};
+    if !options.cache_from.is_empty() || !options.cache_to.is_empty() {
+        eprintln!(
+            "error: --cache-from and --cache-to are not supported yet: build cache stays in this root's store"
+        );
+        return Status::Usage;
+    }
+    if let Err(message) = crate::export::check(&options.outputs) {
+        eprintln!("error: {message}");
+        return Status::Usage;
+    }
+    let solve_options = solve_options(options);
     let tags: Vec<rbuild_cache::Reference> = match options
         .tags
         .iter()

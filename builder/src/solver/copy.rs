@@ -156,6 +156,11 @@ impl Solver {
                 let content = match &checksum {
                     // BuildKit's key for a pinned URL: the checksum, no request at all.
                     Some(checksum) => checksum.to_string(),
+                    // Predicting fetches nothing: an unpinned URL's content is unknown.
+                    None if self.options.dry_run => format!(
+                        "unknown {}",
+                        Digest::of(format!("{:?}", std::time::SystemTime::now()).as_bytes())
+                    ),
                     None => {
                         let download = self.fetch(step, url, None)?;
                         let modified = download

@@ -42,8 +42,8 @@ mod config;
 mod copy;
 mod fetch;
 mod fingerprint;
-mod progress;
 mod mounts;
+mod progress;
 mod run;
 
 use progress::Progress;
@@ -66,6 +66,8 @@ pub struct SolveOptions {
     pub progress: ProgressMode,
     /// How many steps may run at once (RUN, COPY, ADD, WORKDIR: cache hits included).
     pub jobs: usize,
+    /// Predict only: look every step up in the cache, run nothing, write nothing.
+    pub dry_run: bool,
     /// `--secret`s, for `RUN --mount=type=secret` (read when a step mounts them).
     pub secrets: Vec<crate::options::Secret>,
 }
@@ -73,6 +75,10 @@ pub struct SolveOptions {
 /// What happened to one step.
 #[derive(Clone, Debug)]
 pub struct StepReport {
+    /// The stage's index in the Dockerfile.
+    pub stage: usize,
+    /// The step's position in its stage (0 is the FROM).
+    pub position: usize,
     /// The instruction as written.
     pub instruction: String,
     /// Its first line.
@@ -191,6 +197,46 @@ pub fn solve(
     ignore: Option<IgnoreMatcher>,
     options: &SolveOptions,
 ) -> Result<BuildResult, SolveError> {
+    let (solver, reports) = schedule(store, graph, dockerfile_name, context, ignore, options)?;
+    let built = solver.result_of(graph.target_stage().index);
+    let (image, config_digest) = solver.write_image(built)?;
+    Ok(BuildResult {
+        image,
+        config_digest,
+        steps: reports,
+    })
+}
+
+/// What a build would do now, step by step, without running or writing anything: each step
+/// is looked up in the cache under the key a build would compute (context files are hashed;
+/// nothing is fetched), and a miss says why, prefixed with `would run: `.
+pub fn predict(
+    store: Arc<Store>,
+    graph: &BuildGraph,
+    dockerfile_name: &str,
+    context: &Path,
+    ignore: Option<IgnoreMatcher>,
+    options: &SolveOptions,
+) -> Result<Vec<StepReport>, SolveError> {
+    let options = SolveOptions {
+        dry_run: true,
+        progress: ProgressMode::Quiet,
+        ..options.clone()
+    };
+    let (_, reports) = schedule(store, graph, dockerfile_name, context, ignore, &options)?;
+    Ok(reports)
+}
+
+/// Runs every stage on a tokio runtime; returns the solver (holding the stages' results) and
+/// the reports.
+fn schedule(
+    store: Arc<Store>,
+    graph: &BuildGraph,
+    dockerfile_name: &str,
+    context: &Path,
+    ignore: Option<IgnoreMatcher>,
+    options: &SolveOptions,
+) -> Result<(Arc<Solver>, Vec<StepReport>), SolveError> {
     let stat_cache = Arc::new(StatCache::load(&stat_cache_path(&store, context)));
     let jobs = options.jobs.max(1);
     let solver = Arc::new(Solver {
@@ -227,13 +273,7 @@ pub fn solve(
     solver.progress.close();
     let reports = reports?;
     let _ = stat_cache.save();
-    let built = solver.result_of(graph.target_stage().index);
-    let (image, config_digest) = solver.write_image(built)?;
-    Ok(BuildResult {
-        image,
-        config_digest,
-        steps: reports,
-    })
+    Ok((solver, reports))
 }
 
 fn stat_cache_path(store: &Store, context: &Path) -> PathBuf {
@@ -409,12 +449,43 @@ impl Solver {
         }
         let started = Instant::now();
         let id = self.progress.start(&label(1), &stage.from_instruction);
-        let mut built = self
+        let base = self
             .blocking(move |solver| solver.base(&solver.graph.stages[position]))
-            .await
-            .inspect_err(|_| self.progress.error(id))?;
+            .await;
+        let mut built = match base {
+            Ok(built) => built,
+            Err(error) if self.options.dry_run => {
+                // Predicting: a base missing from the store makes every step of the stage run.
+                let reason = crate::commands::image::chain_text(&error);
+                let built = Built {
+                    layers: Vec::new(),
+                    config: json!({"config": {}}),
+                    fs_key: Digest::of(format!("missing base\0{reason}").as_bytes()),
+                    cmd_set: false,
+                    stage_index: stage.index,
+                };
+                for (step_index, step) in stage.steps.iter().enumerate() {
+                    reports.push(StepReport {
+                        stage: stage.index,
+                        position: step_index + 1,
+                        instruction: step.instruction.clone(),
+                        line: step.location.start_line,
+                        cached: false,
+                        miss_reason: Some(format!("would run: {reason}")),
+                        duration: 0.0,
+                    });
+                }
+                return Ok((built, reports));
+            }
+            Err(error) => {
+                self.progress.error(id);
+                return Err(error);
+            }
+        };
         self.progress.done(id, started.elapsed().as_secs_f64());
         reports.push(StepReport {
+            stage: stage.index,
+            position: 0,
             instruction: stage.from_instruction.clone(),
             line: stage.location.start_line,
             cached: true,
@@ -462,11 +533,14 @@ impl Solver {
                 _ => self.progress.done(id, duration),
             }
             reports.push(StepReport {
+                stage: stage.index,
+                position: step_index + 1,
                 instruction: step.instruction.clone(),
                 line: step.location.start_line,
                 cached: matches!(outcome, Outcome::Cached | Outcome::ConfigOnly),
                 miss_reason: match outcome {
                     Outcome::Ran(reason) => Some(reason),
+                    Outcome::WouldRun(reason) => Some(format!("would run: {reason}")),
                     _ => None,
                 },
                 duration,
@@ -663,6 +737,15 @@ impl Solver {
         });
         let (layer, outcome) = match hit {
             Some(layer) => (layer, Outcome::Cached),
+            None if self.options.dry_run => {
+                let reason = match &previous {
+                    _ if self.options.no_cache => "--no-cache".to_string(),
+                    Some(previous) => fingerprint.miss_reason(previous),
+                    None => "no earlier build of this step in this root".to_string(),
+                };
+                built.fs_key = key;
+                return Ok(Outcome::WouldRun(reason));
+            }
             None => {
                 let reason = if self.options.no_cache {
                     "--no-cache".to_string()
@@ -712,7 +795,7 @@ impl Solver {
         };
         // Remembered only once the step succeeded, so the next miss compares with a build
         // that worked.
-        if previous.as_ref() != Some(&fingerprint) {
+        if !self.options.dry_run && previous.as_ref() != Some(&fingerprint) {
             let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
             let _ = rbuild_cache::content::write_atomic(&history, &bytes);
         }
@@ -855,6 +938,8 @@ impl Solver {
 enum Outcome {
     Cached,
     Ran(String),
+    /// Predicting: the step is not in the cache, for this reason.
+    WouldRun(String),
     ConfigOnly,
 }
 
