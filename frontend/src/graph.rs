@@ -243,7 +243,7 @@ pub struct RunOp {
     pub env: Vec<(String, String)>,
     /// The predefined proxy args (`HTTP_PROXY`, ...) given with `--build-arg` and not declared
     /// with ARG: in the environment, but, as in BuildKit, not in the cache key or the history.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub proxy_env: Vec<(String, String)>,
     /// USER in effect.
     pub user: Option<String>,
@@ -1049,8 +1049,17 @@ impl<'a> Planner<'a> {
                 .dependencies
                 .push((stage, Some(step_index), dependency));
         }
+        // Undeclared proxy args reach the process but not the key (BuildKit's rule).
+        let definition_digest = match &op {
+            Op::Run(run) if !run.proxy_env.is_empty() => {
+                let mut keyed = run.clone();
+                keyed.proxy_env.clear();
+                digest_of(&("rbuild-step-v1", &Op::Run(keyed)))
+            }
+            _ => digest_of(&("rbuild-step-v1", &op)),
+        };
         draft.stage.steps.push(Step {
-            definition_digest: digest_of(&("rbuild-step-v1", &op)),
+            definition_digest,
             digest: String::new(),
             op,
             instruction: instruction.original.clone(),
