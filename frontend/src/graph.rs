@@ -245,6 +245,10 @@ pub struct RunOp {
     /// with ARG: in the environment, but, as in BuildKit, not in the cache key or the history.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub proxy_env: Vec<(String, String)>,
+    /// The names of the build args declared in the stage, for the history's `|N NAME=value`
+    /// (their values are in `env`).
+    #[serde(skip)]
+    pub build_args: Vec<String>,
     /// USER in effect.
     pub user: Option<String>,
     /// WORKDIR in effect.
@@ -598,6 +602,9 @@ struct Inherited {
     /// ARG after an ENV of the same name wins, and a stage built FROM another inherits its
     /// ARGs, as in BuildKit.
     scope: Vec<(String, String)>,
+    /// The names of the ARGs with a value declared in this stage (or the stage it is built
+    /// from), first-declared order: BuildKit's `|N NAME=value` prefix of RUN's history.
+    args: Vec<String>,
     working_dir: String,
     user: Option<String>,
     shell: Option<Vec<String>>,
@@ -803,6 +810,7 @@ impl<'a> Planner<'a> {
                 let config = config.unwrap_or_default();
                 let inherited = Inherited {
                     scope: config.env.clone(),
+                    args: Vec::new(),
                     env: config.env,
                     working_dir: config
                         .working_dir
@@ -973,8 +981,11 @@ impl<'a> Planner<'a> {
                         },
                     };
                     if let Some(value) = value {
-                        let scope = &mut self.stages[draft_index].inherited.scope;
-                        scope.push((definition.name.clone(), value));
+                        let inherited = &mut self.stages[draft_index].inherited;
+                        inherited.scope.push((definition.name.clone(), value));
+                        if !inherited.args.contains(&definition.name) {
+                            inherited.args.push(definition.name.clone());
+                        }
                     }
                     names.push(definition.name.clone());
                 }
@@ -1286,6 +1297,7 @@ impl<'a> Planner<'a> {
             script_files,
             env,
             proxy_env,
+            build_args: self.stages[draft_index].inherited.args.clone(),
             user: draft.inherited.user.clone(),
             working_dir: draft.inherited.working_dir.clone(),
             mounts,

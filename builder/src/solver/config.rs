@@ -92,11 +92,70 @@ pub(super) fn apply_config(built: &mut Built, change: &ConfigChange) {
     }
 }
 
+/// The history entry's `created_by`, as BuildKit's Dockerfile frontend writes it: steps that
+/// make a layer end in ` # buildkit`; lists print as Go's `%q` of a slice, maps as `%v`.
 pub(super) fn history_text(step: &Step) -> String {
+    use rbuild_frontend::parser::go_quote;
+    let quoted = |words: &[String]| {
+        let words: Vec<String> = words.iter().map(|word| go_quote(word)).collect();
+        format!("[{}]", words.join(" "))
+    };
+    let pairs = |pairs: &[(String, String)]| {
+        pairs
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let instruction = step.instruction.lines().next().unwrap_or_default();
     match &step.op {
-        Op::Run(run) => format!("RUN {} # buildkit", run.arguments.join(" ")),
-        _ => format!("{instruction} # buildkit"),
+        Op::Run(run) => {
+            // BuildKit's prefix: `|N NAME=value ...` for the stage's build args.
+            let mut words: Vec<String> = run
+                .build_args
+                .iter()
+                .filter_map(|name| {
+                    let value = run.env.iter().rev().find(|(key, _)| key == name)?;
+                    Some(format!("{name}={}", value.1))
+                })
+                .collect();
+            if !words.is_empty() {
+                words.insert(0, format!("|{}", words.len()));
+            }
+            words.extend(run.arguments.iter().cloned());
+            format!("RUN {} # buildkit", words.join(" "))
+        }
+        Op::Copy(copy) => {
+            let kind = if copy.is_add { "ADD" } else { "COPY" };
+            let mut sources = copy.sources.clone();
+            sources.extend(copy.inline_sources.iter().map(|(name, _)| name.clone()));
+            format!(
+                "{kind} {} {} # buildkit",
+                sources.join(" "),
+                copy.destination
+            )
+        }
+        Op::Workdir { path } => format!("WORKDIR {path}"),
+        Op::Config(change) => match change {
+            ConfigChange::Env(values) => format!("ENV {}", pairs(values)),
+            ConfigChange::Label(values) => format!("LABEL {}", pairs(values)),
+            ConfigChange::User(user) => format!("USER {user}"),
+            ConfigChange::Expose(ports) => {
+                let mut ports = ports.clone();
+                ports.sort();
+                ports.dedup();
+                let ports: Vec<String> = ports.iter().map(|port| format!("{port}:{{}}")).collect();
+                format!("EXPOSE map[{}]", ports.join(" "))
+            }
+            ConfigChange::Volume(paths) => format!("VOLUME [{}]", paths.join(" ")),
+            ConfigChange::Cmd(words) => format!("CMD {}", quoted(words)),
+            ConfigChange::Entrypoint(words) => format!("ENTRYPOINT {}", quoted(words)),
+            ConfigChange::Shell(words) => format!("SHELL {}", quoted(words)),
+            ConfigChange::StopSignal(signal) => format!("STOPSIGNAL {signal}"),
+            ConfigChange::Onbuild(trigger) => format!("ONBUILD {trigger}"),
+            ConfigChange::Maintainer(name) => format!("MAINTAINER {name}"),
+            ConfigChange::Arg(_) | ConfigChange::Healthcheck(_) => instruction.to_string(),
+        },
     }
 }
 
