@@ -1,17 +1,19 @@
 //! The solver: runs a planned build graph and produces an image in the store.
 //!
-//! Each stage starts as soon as the stages it needs are done, up to `jobs` at once, on scoped
-//! threads; the steps of a stage run one after another. The first failure stops the build:
-//! nothing new starts and running sandboxes are killed. Every step that changes the
-//! filesystem has a cache key: the sha256 of its definition digest (the instruction after
-//! expansion, with its env, user, workdir, shell, network), the key of the filesystem it builds
-//! on, the final keys of the stages it reads, and for COPY/ADD from the context the content
-//! checksum of exactly the selected files (blake3, never mtimes). A key found in the cache index
-//! reuses its layer; otherwise the step runs (RUN in the sandbox, COPY by copying into a fresh
-//! directory) and its layer is committed and recorded.
+//! Every stage is a task on a tokio runtime. A step starts as soon as what it reads is ready
+//! (the step before it, and the stages it copies or mounts from), so a stage's early steps
+//! overlap with the stages it needs later; its work runs on blocking threads, at most `jobs`
+//! steps at once. Identical steps (same key) reached from two stages run once. The first
+//! failure stops the build: nothing new starts, running sandboxes are killed, and `solve`
+//! returns only when every task has ended.
 //!
-//! Scheduling on tokio, identical steps running once, `RUN --mount`, ADD of archives and URLs,
-//! and the exporters are the rest of the solver issue.
+//! Every step that changes the filesystem has a cache key: the sha256 of its definition digest
+//! (the instruction after expansion, with its env, user, workdir, shell, network, mounts), the
+//! key of the filesystem it builds on, the keys of the stages it reads, and the content checksum
+//! of exactly the context files it copies or bind-mounts (blake3, never mtimes). A key found in
+//! the cache index reuses its layer; otherwise the step runs (RUN in the sandbox, COPY/ADD into
+//! a fresh directory) and its layer is committed and recorded. `predict` walks the same keys
+//! without running anything, for `--dry-run`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
