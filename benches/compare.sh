@@ -162,6 +162,7 @@ buildah_run=()
 
 cleanup() {
     local status=$?
+    set +e
     if [ -n "$dockerd_pid" ]; then
         say "docker: stopping dockerd (pid $dockerd_pid)"
         kill "$dockerd_pid" 2>/dev/null || true

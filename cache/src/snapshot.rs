@@ -113,6 +113,33 @@ pub fn prepare(store: &Store, layer: &Target, diff_id: &Digest) -> Result<PathBu
     Ok(path)
 }
 
+/// Makes `tree` the snapshot of the layer `diff_id`, by renaming it into place, when `tree` is
+/// what unpacking that layer would give: the directory the layer was just made from (a COPY's
+/// tree, or a RUN's overlay upper directory, whose whiteouts and opaque markers are already in
+/// overlay form). This is how containerd's overlay snapshotter commits, and it saves unpacking
+/// the layer again for the next step. If the snapshot exists already, `tree` is left alone.
+pub fn adopt(store: &Store, diff_id: &Digest, tree: &Path) -> Result<PathBuf, SnapshotError> {
+    let directory = store.snapshots_directory();
+    let path = directory.join(diff_id.hex());
+    if path.is_dir() {
+        return Ok(path);
+    }
+    match fs::rename(tree, &path) {
+        Ok(()) => {}
+        // Another build made the same snapshot first.
+        Err(_) if path.is_dir() => return Ok(path),
+        Err(source) => {
+            return Err(SnapshotError::Io {
+                action: "rename",
+                path,
+                source,
+            });
+        }
+    }
+    crate::content::sync_directory(&directory)?;
+    Ok(path)
+}
+
 fn unpack(
     store: &Store,
     layer: &Target,

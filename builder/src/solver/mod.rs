@@ -876,6 +876,12 @@ impl Solver {
                 ),
             }
         })?;
+        // The tree is the layer's snapshot: adopt it rather than unpack the layer again. With
+        // SOURCE_DATE_EPOCH the layer's mtimes are clamped and the tree's are not, so then the
+        // snapshot is unpacked from the layer when needed, to match it exactly.
+        if self.options.source_date_epoch.is_none() && !self.options.dry_run {
+            snapshot::adopt(&self.store, &layer.diff_id, directory)?;
+        }
         Ok(Some(LayerRecord {
             target: Target {
                 media_type: layer.media_type.to_string(),
