@@ -334,3 +334,23 @@ fn a_dry_run_predicts_hits_and_names_what_would_miss() {
         "{text_plan}"
     );
 }
+
+#[test]
+fn a_deep_image_of_seventy_layers_builds_and_runs() {
+    let directory = TempDirectory::new("deep");
+    // 70 layers of 64-hex snapshot names are more lower directories than fit in the page
+    // mount(2) takes, even as relative paths: the sandbox reaches them through short links.
+    let mut dockerfile = String::from("FROM busybox\n");
+    for number in 0..70 {
+        dockerfile.push_str(&format!("RUN echo {number} > /layer-{number}\n"));
+    }
+    let (context, root) = context_with(&directory, &dockerfile);
+    build(&root, &context, &[]);
+    let image = inspect(&root, "scheduled");
+    assert_eq!(image["rootfs"]["diff_ids"].as_array().unwrap().len(), 71);
+    let output = succeeds(rbuild(
+        &root,
+        &["run", "--rm", "scheduled", "sh", "-c", "cat /layer-0 /layer-69; ls / | grep -c layer-"],
+    ));
+    assert_eq!(output, "0\n69\n70\n");
+}

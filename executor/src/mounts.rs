@@ -774,6 +774,37 @@ fn mount_overlay(
         target: target.display().to_string(),
         source: source.into(),
     };
+    // Many lower directories (a deep image) can exceed the page mount(2) takes even as
+    // relative paths: then each is reached through a short symbolic link in a directory beside
+    // the work directory (`l/0`, `l/1`, ...), as Docker's overlay2 driver does.
+    let links: Vec<PathBuf>;
+    let lower: Vec<&Path> = match overlay_options(lower, upper, work, OVERLAY_EXTRA_OPTIONS) {
+        Err(MountError::OverlayOptionsTooLong { .. }) => {
+            let directory = work.with_file_name("l");
+            let _ = std::fs::remove_dir_all(&directory);
+            std::fs::create_dir(&directory).map_err(|source| MountError::Mount {
+                what: format!("the short links of overlay layers in {}", directory.display()),
+                target: target.display().to_string(),
+                source,
+            })?;
+            links = lower
+                .iter()
+                .enumerate()
+                .map(|(index, path)| {
+                    let link = directory.join(index.to_string());
+                    std::os::unix::fs::symlink(path, &link).map(|()| link)
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|source| MountError::Mount {
+                    what: format!("the short links of overlay layers in {}", directory.display()),
+                    target: target.display().to_string(),
+                    source,
+                })?;
+            links.iter().map(PathBuf::as_path).collect()
+        }
+        _ => lower.to_vec(),
+    };
+    let lower = lower.as_slice();
     let mount = |extra: &str| -> Result<(), MountError> {
         let options = overlay_options(lower, upper, work, extra)?;
         if let Some(directory) = &options.chdir {
