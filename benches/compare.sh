@@ -34,8 +34,9 @@
 # A private dockerd (`--bridge=none --iptables=false`, own socket, data-root, exec-root and
 # pidfile under WORK, log in WORK/dockerd.log) is started unless DOCKER_HOST is set, and
 # stopped at the end. buildah gets its own --root/--runroot under WORK; its runtime is
-# probed (default, then runc, then --isolation chroot). Any failed build stops the script
-# with the build's log: a failure is never timed.
+# probed (default, then runc, then --isolation chroot). A failed build is never timed: the
+# end of its log is printed, that engine sits out the rest of the scenario, the table shows
+# FAILED, and the script exits 1.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
