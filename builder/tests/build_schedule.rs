@@ -350,7 +350,14 @@ fn a_deep_image_of_seventy_layers_builds_and_runs() {
     assert_eq!(image["rootfs"]["diff_ids"].as_array().unwrap().len(), 71);
     let output = succeeds(rbuild(
         &root,
-        &["run", "--rm", "scheduled", "sh", "-c", "cat /layer-0 /layer-69; ls / | grep -c layer-"],
+        &[
+            "run",
+            "--rm",
+            "scheduled",
+            "sh",
+            "-c",
+            "cat /layer-0 /layer-69; ls / | grep -c layer-",
+        ],
     ));
     assert_eq!(output, "0\n69\n70\n");
 }

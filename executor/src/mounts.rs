@@ -783,7 +783,10 @@ fn mount_overlay(
             let directory = work.with_file_name("l");
             let _ = std::fs::remove_dir_all(&directory);
             std::fs::create_dir(&directory).map_err(|source| MountError::Mount {
-                what: format!("the short links of overlay layers in {}", directory.display()),
+                what: format!(
+                    "the short links of overlay layers in {}",
+                    directory.display()
+                ),
                 target: target.display().to_string(),
                 source,
             })?;
@@ -796,7 +799,10 @@ fn mount_overlay(
                 })
                 .collect::<Result<_, _>>()
                 .map_err(|source| MountError::Mount {
-                    what: format!("the short links of overlay layers in {}", directory.display()),
+                    what: format!(
+                        "the short links of overlay layers in {}",
+                        directory.display()
+                    ),
                     target: target.display().to_string(),
                     source,
                 })?;

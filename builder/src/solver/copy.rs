@@ -1006,7 +1006,7 @@ impl ModeChange {
 }
 
 fn hex_of(bytes: [u8; 32]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(bytes)
 }
 
 #[cfg(test)]

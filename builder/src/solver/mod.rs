@@ -862,9 +862,13 @@ impl Solver {
         if empty {
             return Ok(None);
         }
+        // Layers a build makes are kept as plain tars, as Docker's own store keeps them:
+        // compressing 400 MB with gzip costs seconds a local build need not pay. (An export or
+        // a push is where compression belongs; see the README.)
         let options = LayerOptions {
             source,
             source_date_epoch: self.options.source_date_epoch,
+            compression: rbuild_cache::compression::Compression::None,
             ..LayerOptions::default()
         };
         let layer = create_layer(directory, &options, self.store.content()).map_err(|error| {
