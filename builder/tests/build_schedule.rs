@@ -361,3 +361,43 @@ fn a_deep_image_of_seventy_layers_builds_and_runs() {
     ));
     assert_eq!(output, "0\n69\n70\n");
 }
+
+#[test]
+fn a_symlink_loop_in_a_stage_fails_the_copy_cleanly() {
+    let directory = TempDirectory::new("loop");
+    let (context, root) = context_with(
+        &directory,
+        "FROM busybox AS looped\nRUN ln -s loop /loop && mkdir /data && ln -s ../data/self /data/self\n\
+         FROM busybox\nCOPY --from=looped /loop/x /x\n",
+    );
+    let output = rbuild(
+        &root,
+        &["build", "--progress", "plain", context.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("Dockerfile:4: COPY --from=looped /loop/x /x"),
+        "{}",
+        text(&output.stderr)
+    );
+    // A directory holding a looping link copies (the link as a link).
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox AS looped\nRUN mkdir /data && ln -s self /data/self && echo ok > /data/file\n\
+         FROM busybox\nCOPY --from=looped /data /data\n",
+    )
+    .unwrap();
+    build(&root, &context, &[]);
+    let output = succeeds(rbuild(
+        &root,
+        &[
+            "run",
+            "--rm",
+            "scheduled",
+            "sh",
+            "-c",
+            "cat /data/file; readlink /data/self",
+        ],
+    ));
+    assert_eq!(output, "ok\nself\n");
+}

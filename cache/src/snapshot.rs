@@ -219,6 +219,45 @@ impl LayerView {
         Self { layers }
     }
 
+    /// `path` with every symbolic link in it resolved inside the view (an absolute link
+    /// starts again at the view's root), as a clean absolute path (`/` for the root).
+    /// [`LayerView::read_dir`] needs such a real path. After 40 links (Linux's limit), a loop
+    /// stops resolving and the rest is left as written, so a lookup of it finds nothing.
+    pub fn resolve(&self, path: &str) -> String {
+        let mut hops = 0;
+        let resolved = self.resolve_with(path, &mut hops);
+        if resolved.is_empty() {
+            "/".to_string()
+        } else {
+            resolved
+        }
+    }
+
+    fn resolve_with(&self, path: &str, hops: &mut usize) -> String {
+        let mut resolved = String::new();
+        for part in path
+            .split('/')
+            .filter(|part| !part.is_empty() && *part != ".")
+        {
+            let candidate = format!("{resolved}/{part}");
+            match self.lookup(&candidate, false) {
+                Some(entry) if entry.metadata.file_type().is_symlink() && *hops < 40 => {
+                    *hops += 1;
+                    let link = fs::read_link(&entry.real)
+                        .map(|link| link.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    resolved = if link.starts_with('/') {
+                        self.resolve_with(&link, hops)
+                    } else {
+                        self.resolve_with(&format!("{resolved}/{link}"), hops)
+                    };
+                }
+                _ => resolved = candidate,
+            }
+        }
+        resolved
+    }
+
     /// The entry at `path` (absolute or relative to the root, `/`-separated), following
     /// symlinks in the parents inside the view (and the final one when `follow`); none when
     /// absent or hidden by a whiteout.

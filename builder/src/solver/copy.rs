@@ -752,8 +752,8 @@ fn copy_from_view(
             fs::Permissions::from_mode(entry.metadata.mode() & 0o7777),
         )
         .map_err(io_error("chmod", target))?;
-        for name in view.read_dir(&resolved_path(view, path)) {
-            let child = format!("{}/{name}", resolved_path(view, path).trim_end_matches('/'));
+        for name in view.read_dir(&view.resolve(path)) {
+            let child = format!("{}/{name}", view.resolve(path).trim_end_matches('/'));
             if let Some(child_entry) = view.lookup(&child, false) {
                 copy_from_view(view, &child, &child_entry, &target.join(&name))?;
             }
@@ -780,36 +780,6 @@ fn copy_from_view(
             .open(target)
             .and_then(|file| file.set_times(times))
             .map_err(io_error("set times", target))
-    }
-}
-
-/// `path` with its symlinked parents resolved (the view's read_dir needs a real path).
-fn resolved_path(view: &LayerView, path: &str) -> String {
-    // Walk component by component, replacing symlinks with their targets.
-    let mut resolved = String::new();
-    for part in path
-        .split('/')
-        .filter(|part| !part.is_empty() && *part != ".")
-    {
-        let candidate = format!("{resolved}/{part}");
-        match view.lookup(&candidate, false) {
-            Some(entry) if entry.metadata.file_type().is_symlink() => {
-                let target = fs::read_link(&entry.real)
-                    .map(|target| target.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                resolved = if target.starts_with('/') {
-                    resolved_path(view, &target)
-                } else {
-                    resolved_path(view, &format!("{resolved}/{target}"))
-                };
-            }
-            _ => resolved = candidate,
-        }
-    }
-    if resolved.is_empty() {
-        "/".to_string()
-    } else {
-        resolved
     }
 }
 

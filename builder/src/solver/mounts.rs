@@ -364,7 +364,7 @@ impl Solver {
                         format!("--mount from={name}: source {source} is not a directory there"),
                     ));
                 }
-                copy_view_directory(&view, &resolve_in_view(&view, &source), temporary)?;
+                copy_view_directory(&view, &view.resolve(&source), temporary)?;
             }
             _ => fs::create_dir(temporary).map_err(io_error("create", temporary))?,
         }
@@ -520,31 +520,6 @@ fn materialize(context: &Path, selection: &Selection, target: &Path) -> Result<(
         }
     }
     Ok(())
-}
-
-/// `path` of a view with every symbolic link in it resolved (inside the view).
-fn resolve_in_view(view: &LayerView, path: &str) -> String {
-    let mut resolved = String::new();
-    for part in path
-        .split('/')
-        .filter(|part| !part.is_empty() && *part != ".")
-    {
-        let candidate = format!("{resolved}/{part}");
-        match view.lookup(&candidate, false) {
-            Some(entry) if entry.metadata.file_type().is_symlink() => {
-                let link = fs::read_link(&entry.real)
-                    .map(|link| link.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                resolved = if link.starts_with('/') {
-                    resolve_in_view(view, &link)
-                } else {
-                    resolve_in_view(view, &format!("{resolved}/{link}"))
-                };
-            }
-            _ => resolved = candidate,
-        }
-    }
-    resolved
 }
 
 /// Copies the directory `path` (free of symbolic links) of a view, merged across its layers,
