@@ -136,7 +136,7 @@ pub fn adopt(store: &Store, diff_id: &Digest, tree: &Path) -> Result<PathBuf, Sn
             });
         }
     }
-    crate::content::sync_directory(&directory)?;
+    crate::content::sync_directory(directory)?;
     Ok(path)
 }
 
