@@ -21,15 +21,16 @@
 //! build or export never leaves a half-written file.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, IsTerminal, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rbuild_cache::apply::{ApplyError, ApplyOptions, WhiteoutMode, apply_layer};
 use rbuild_cache::archive::{self, ArchiveError, SaveItem};
-use rbuild_cache::content::{ContentError, VerifyingReader};
+use rbuild_cache::content::ContentError;
 use rbuild_cache::layer::{LayerError, LayerOptions, LayerSource, write_layer_tar};
-use rbuild_cache::{Digest, Image, Reference, Store, StoreError, Target, compression};
+use rbuild_cache::snapshot::{self, SnapshotError};
+use rbuild_cache::{Image, Reference, Store, StoreError, Target};
 
 use crate::options::Output;
 
@@ -48,44 +49,9 @@ pub enum ExportError {
     /// Writing the image archive failed.
     #[error(transparent)]
     Archive(#[from] ArchiveError),
-    /// The config lists a different number of diff ids than the manifest has layers.
-    #[error("image {digest}: the config lists {diff_ids} diff ids for {layers} layers")]
-    LayerCount {
-        /// The manifest.
-        digest: Digest,
-        /// Diff ids in the config.
-        diff_ids: usize,
-        /// Layers in the manifest.
-        layers: usize,
-    },
-    /// A diff id in the config is not a sha256 digest.
-    #[error("image {digest}: diff id {diff_id} is not a sha256 digest")]
-    BadDiffId {
-        /// The manifest.
-        digest: Digest,
-        /// The diff id.
-        diff_id: String,
-    },
-    /// A layer's content is not what its digest or diff id says.
-    #[error("layer {digest} does not match its digest or its diff id {diff_id}")]
-    LayerMismatch {
-        /// The layer blob.
-        digest: Digest,
-        /// The diff id.
-        diff_id: Digest,
-        /// What was wrong.
-        #[source]
-        source: io::Error,
-    },
-    /// A layer could not be applied to the scratch tree.
-    #[error("unpacking layer {digest}")]
-    Unpack {
-        /// The layer blob.
-        digest: Digest,
-        /// The cause.
-        #[source]
-        source: ApplyError,
-    },
+    /// A layer could not be applied (or did not match its digest or diff id).
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The filesystem could not be written as a tar.
     #[error("writing the filesystem as a tar")]
     Tar {
@@ -328,38 +294,9 @@ impl Drop for ScratchTree {
 /// and modes are the image's (we are root), and each blob is checked against its digest and
 /// its diff id while it streams.
 fn materialize(store: &Store, image: &Image) -> Result<ScratchTree, ExportError> {
-    let layers = image.layers()?;
-    let diff_ids = image.config.rootfs().diff_ids();
-    if layers.len() != diff_ids.len() {
-        return Err(ExportError::LayerCount {
-            digest: image.target.digest.clone(),
-            diff_ids: diff_ids.len(),
-            layers: layers.len(),
-        });
-    }
     let scratch = ScratchTree::create(store)?;
-    let options = ApplyOptions::new(WhiteoutMode::Apply);
-    for (layer, diff_id) in layers.iter().zip(diff_ids) {
-        let diff_id: Digest = diff_id.parse().map_err(|_| ExportError::BadDiffId {
-            digest: image.target.digest.clone(),
-            diff_id: diff_id.clone(),
-        })?;
-        let mismatch = |source| ExportError::LayerMismatch {
-            digest: layer.digest.clone(),
-            diff_id: diff_id.clone(),
-            source,
-        };
-        let blob = store.content().open_blob(&layer.digest)?;
-        let decoded = compression::decompress(BufReader::with_capacity(256 * 1024, blob))
-            .map_err(mismatch)?;
-        let mut tar = VerifyingReader::new(decoded, diff_id.clone(), None);
-        apply_layer(&mut tar, scratch.tree(), &options).map_err(|source| ExportError::Unpack {
-            digest: layer.digest.clone(),
-            source,
-        })?;
-        // The tar crate stops at the end-of-archive blocks: drain the rest so the whole stream
-        // is hashed and a mismatch is seen.
-        io::copy(&mut tar, &mut io::sink()).map_err(mismatch)?;
+    for (layer, diff_id) in snapshot::layers_with_diff_ids(image)? {
+        snapshot::apply_verified(store, &layer, &diff_id, scratch.tree(), WhiteoutMode::Apply)?;
     }
     Ok(scratch)
 }

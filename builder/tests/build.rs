@@ -6,26 +6,8 @@ mod common;
 use common::*;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// A copy of `testdata/demo` that a test may edit, and a root with busybox imported.
-fn demo(directory: &TempDirectory) -> (PathBuf, PathBuf) {
-    let context = directory.join("demo");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo"))
-        .arg(&context)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let root = directory.join("root");
-    succeeds(rbuild(
-        &root,
-        &["import", busybox_tar().to_str().unwrap(), "busybox:latest"],
-    ));
-    (context, root)
-}
 
 fn build(root: &Path, context: &Path, metadata: &Path, extra: &[&str]) -> serde_json::Value {
     let mut arguments = vec![
@@ -71,7 +53,7 @@ fn filesystem_steps(metadata: &serde_json::Value) -> Vec<(String, bool)> {
 #[test]
 fn the_demo_builds_runs_and_rebuilds_from_the_cache() {
     let directory = TempDirectory::new("demo");
-    let (context, root) = demo(&directory);
+    let (context, root) = demo_context(&directory);
     let metadata_path = directory.join("metadata.json");
     let first = build(&root, &context, &metadata_path, &[]);
     assert!(
@@ -212,7 +194,7 @@ fn the_demo_builds_runs_and_rebuilds_from_the_cache() {
 #[test]
 fn a_failing_step_names_its_line_and_stops_the_build() {
     let directory = TempDirectory::new("failing");
-    let (context, root) = demo(&directory);
+    let (context, root) = demo_context(&directory);
     fs::write(
         context.join("Dockerfile"),
         "FROM busybox\nRUN echo before\nRUN echo oops >&2; exit 3\nRUN echo never\n",
@@ -245,7 +227,7 @@ fn a_failing_step_names_its_line_and_stops_the_build() {
 #[test]
 fn copy_semantics_and_config_instructions() {
     let directory = TempDirectory::new("copy");
-    let (context, root) = demo(&directory);
+    let (context, root) = demo_context(&directory);
     fs::create_dir_all(context.join("tree/sub")).unwrap();
     fs::write(context.join("tree/a.txt"), "a\n").unwrap();
     fs::write(context.join("tree/sub/b.txt"), "b\n").unwrap();
@@ -323,7 +305,7 @@ CMD ["ls"]
 #[test]
 fn source_date_epoch_makes_builds_reproducible_across_roots() {
     let directory = TempDirectory::new("reproducible");
-    let (context, root) = demo(&directory);
+    let (context, root) = demo_context(&directory);
     let other_root = directory.join("other");
     succeeds(rbuild(
         &other_root,
@@ -363,7 +345,7 @@ fn source_date_epoch_makes_builds_reproducible_across_roots() {
 #[test]
 fn independent_stages_build_at_the_same_time() {
     let directory = TempDirectory::new("parallel");
-    let (context, root) = demo(&directory);
+    let (context, root) = demo_context(&directory);
     // The two stages can only both finish if they run at once: one listens on a loopback port
     // (for at most 60 s) and stores what it receives, the other connects to it until it
     // answers.
@@ -406,7 +388,7 @@ fn independent_stages_build_at_the_same_time() {
 #[test]
 fn the_first_failure_stops_the_other_stages() {
     let directory = TempDirectory::new("cancel");
-    let (context, root) = demo(&directory);
+    let (context, root) = demo_context(&directory);
     // The slow stage would run for 10 minutes; the failing one ends the build long before.
     fs::write(
         context.join("Dockerfile"),

@@ -240,19 +240,7 @@ fn listing(root: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
 #[test]
 fn a_dry_run_predicts_hits_and_names_what_would_miss() {
     let directory = TempDirectory::new("predict");
-    let context = directory.join("demo");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo"))
-        .arg(&context)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let root = directory.join("root");
-    succeeds(rbuild(
-        &root,
-        &["import", busybox_tar().to_str().unwrap(), "busybox:latest"],
-    ));
+    let (context, root) = demo_context(&directory);
     let plan = |root: &Path| -> serde_json::Value {
         let output = succeeds(rbuild(
             root,

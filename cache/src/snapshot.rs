@@ -146,6 +146,20 @@ fn unpack(
     diff_id: &Digest,
     into: &Path,
 ) -> Result<(), SnapshotError> {
+    apply_verified(store, layer, diff_id, into, WhiteoutMode::Overlay)
+}
+
+/// Applies the layer blob to the tree `into` with `whiteouts` (overlay markers for a snapshot,
+/// deletions for a flat tree), checking the blob against its digest and the tar against
+/// `diff_id` while it streams. On a mismatch the tree holds a partial layer: callers throw it
+/// away.
+pub fn apply_verified(
+    store: &Store,
+    layer: &Target,
+    diff_id: &Digest,
+    into: &Path,
+    whiteouts: WhiteoutMode,
+) -> Result<(), SnapshotError> {
     let blob = store.content().open_blob(&layer.digest)?;
     let decoded =
         compression::decompress(BufReader::with_capacity(256 * 1024, blob)).map_err(|source| {
@@ -156,9 +170,9 @@ fn unpack(
             }
         })?;
     // The tar stream is checked against the diff id as it is applied; a mismatch fails the
-    // read at its end, and the whole snapshot is thrown away.
+    // read at its end.
     let mut tar = VerifyingReader::new(decoded, diff_id.clone(), None);
-    let options = ApplyOptions::new(WhiteoutMode::Overlay);
+    let options = ApplyOptions::new(whiteouts);
     apply_layer(&mut tar, into, &options).map_err(|source| SnapshotError::Apply {
         digest: layer.digest.clone(),
         source,
@@ -173,8 +187,8 @@ fn unpack(
     Ok(())
 }
 
-/// The snapshot directories of an image's layers, base first.
-pub fn prepare_image(store: &Store, image: &Image) -> Result<Vec<PathBuf>, SnapshotError> {
+/// An image's layers, base first, each with its diff id from the config.
+pub fn layers_with_diff_ids(image: &Image) -> Result<Vec<(Target, Digest)>, SnapshotError> {
     let layers = image.layers()?;
     let diff_ids = image.config.rootfs().diff_ids();
     if layers.len() != diff_ids.len() {
@@ -185,14 +199,22 @@ pub fn prepare_image(store: &Store, image: &Image) -> Result<Vec<PathBuf>, Snaps
         });
     }
     layers
-        .iter()
+        .into_iter()
         .zip(diff_ids)
         .map(|(layer, diff_id)| {
             let diff_id: Digest = diff_id.parse().map_err(|_| StoreError::UnsupportedDigest {
                 digest: diff_id.clone(),
             })?;
-            prepare(store, layer, &diff_id)
+            Ok((layer, diff_id))
         })
+        .collect()
+}
+
+/// The snapshot directories of an image's layers, base first.
+pub fn prepare_image(store: &Store, image: &Image) -> Result<Vec<PathBuf>, SnapshotError> {
+    layers_with_diff_ids(image)?
+        .iter()
+        .map(|(layer, diff_id)| prepare(store, layer, diff_id))
         .collect()
 }
 

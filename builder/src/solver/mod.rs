@@ -576,16 +576,9 @@ impl Solver {
                         stage.from_instruction
                     ),
                 })?;
-                let layers = image
-                    .layers()?
+                let layers = snapshot::layers_with_diff_ids(&image)?
                     .into_iter()
-                    .zip(image.config.rootfs().diff_ids())
-                    .map(|(target, diff_id)| LayerRecord {
-                        target,
-                        diff_id: diff_id
-                            .parse()
-                            .unwrap_or_else(|_| Digest::of(diff_id.as_bytes())),
-                    })
+                    .map(|(target, diff_id)| LayerRecord { target, diff_id })
                     .collect();
                 let config: Value =
                     serde_json::from_slice(&image.config_bytes).unwrap_or_else(|_| json!({}));

@@ -111,3 +111,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// A copy of `testdata/demo` that a test may edit (`DIRECTORY/demo`), and a root
+/// (`DIRECTORY/root`) with busybox imported.
+pub fn demo_context(directory: &TempDirectory) -> (PathBuf, PathBuf) {
+    let context = directory.join("demo");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo"))
+        .arg(&context)
+        .status()
+        .expect("cp runs");
+    assert!(status.success());
+    let root = directory.join("root");
+    succeeds(rbuild(
+        &root,
+        &["import", busybox_tar().to_str().unwrap(), "busybox:latest"],
+    ));
+    (context, root)
+}
