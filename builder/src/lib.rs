@@ -11,5 +11,6 @@ pub mod cli;
 pub mod commands;
 pub mod export;
 pub mod options;
+pub mod registry;
 pub mod resolver;
 pub mod solver;
