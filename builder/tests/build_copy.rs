@@ -757,3 +757,98 @@ fn link_changes_nothing_and_add_honours_exclude() {
     assert!(unlinked.contains("/out/private.html 600"), "{unlinked}");
     assert!(unlinked.ends_with("linked\n"), "{unlinked}");
 }
+
+/// The layers of an image, as `rbuild inspect` names them (diff ids), base first.
+fn diff_ids(root: &Path, image: &str) -> Vec<String> {
+    inspect(root, image)["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A rebuild after an edit links the COPY's unchanged files from its last snapshot rather
+/// than copying them, and never links one whose content changed, even when its size and
+/// modification time did not; a changed instruction links nothing.
+#[test]
+fn copy_links_unchanged_files_from_its_last_snapshot_and_only_those() {
+    let (directory, context, root) = setup("copy-reuse");
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox\nCOPY files /app\n",
+    )
+    .unwrap();
+    let files = context.join("files");
+    fs::create_dir_all(files.join("sub")).unwrap();
+    fs::write(files.join("kept"), "unchanged content\n").unwrap();
+    fs::write(files.join("sub/edited"), "first version\n").unwrap();
+    fs::set_permissions(files.join("kept"), fs::Permissions::from_mode(0o640)).unwrap();
+    build_ok(&root, &context, "reuse:1");
+    let first = diff_ids(&root, "reuse:1").pop().unwrap();
+    let snapshot = |diff_id: &str| {
+        root.join("v1/snapshots")
+            .join(diff_id.trim_start_matches("sha256:"))
+    };
+    let inode = |path: PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&path)
+            .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+            .ino()
+    };
+
+    // Same length, and the old modification time put back: only the content differs.
+    let edited = files.join("sub/edited");
+    let modified = fs::metadata(&edited).unwrap().modified().unwrap();
+    fs::write(&edited, "other version\n").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let metadata = build_ok(&root, &context, "reuse:2");
+    assert_eq!(step(&metadata, "COPY")["cached"], false);
+    let second = diff_ids(&root, "reuse:2").pop().unwrap();
+    assert_ne!(first, second);
+    assert_eq!(
+        inode(snapshot(&second).join("app/kept")),
+        inode(snapshot(&first).join("app/kept")),
+        "the unchanged file is linked from the previous snapshot"
+    );
+    assert_ne!(
+        inode(snapshot(&second).join("app/sub/edited")),
+        inode(snapshot(&first).join("app/sub/edited"))
+    );
+    assert_eq!(
+        run(
+            &root,
+            "reuse:2",
+            "cat /app/kept /app/sub/edited; stat -c %a /app/kept"
+        ),
+        "unchanged content\nother version\n640\n"
+    );
+
+    // The layer is exactly what a build without any earlier snapshot makes.
+    let fresh = directory.join("fresh-root");
+    import_busybox(&fresh, "busybox:latest");
+    build_ok(&fresh, &context, "reuse:2");
+    assert_eq!(diff_ids(&fresh, "reuse:2").pop().unwrap(), second);
+
+    // Another instruction (another destination) copies afresh.
+    fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox\nCOPY files /srv\n",
+    )
+    .unwrap();
+    build_ok(&root, &context, "reuse:3");
+    let third = diff_ids(&root, "reuse:3").pop().unwrap();
+    assert_ne!(
+        inode(snapshot(&third).join("srv/kept")),
+        inode(snapshot(&second).join("app/kept"))
+    );
+    assert_eq!(
+        run(&root, "reuse:3", "cat /srv/kept"),
+        "unchanged content\n"
+    );
+}

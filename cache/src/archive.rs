@@ -639,7 +639,7 @@ fn uncompressed_digest(store: &Store, digest: &Digest) -> Result<Digest, Archive
     let mut decoded = compression::decompress(reader).map_err(archive_io("read"))?;
     let mut writer = crate::digest::DigestWriter::new(io::sink());
     io::copy(&mut decoded, &mut writer).map_err(archive_io("read"))?;
-    Ok(writer.finish().1)
+    Ok(writer.finish().1.expect("a hashing writer gives a digest"))
 }
 
 /// How `rbuild import` describes the image it makes.

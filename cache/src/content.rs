@@ -170,11 +170,15 @@ impl ContentStore {
             .map_err(ContentError::io("create", &temp_path))?;
         file.lock().map_err(ContentError::io("lock", &temp_path))?;
         Ok(BlobWriter {
-            file: Some(io::BufWriter::with_capacity(256 * 1024, file)),
             temp_path,
             blobs: self.blobs.clone(),
-            hasher: Sha256::new(),
             size: 0,
+            chunk: Vec::new(),
+            sink: Some(Sink::Inline {
+                file,
+                hasher: Sha256::new(),
+            }),
+            committed: false,
         })
     }
 
@@ -330,12 +334,113 @@ impl ContentStore {
 }
 
 /// A blob being written. Dropping it without [`BlobWriter::commit`] deletes the temp file.
+///
+/// Bytes are gathered in chunks. A small blob is hashed and written on the caller's thread;
+/// once a blob passes one chunk, hashing and writing move to two threads of their own, a
+/// pipeline the chunks pass through (caller → sha256 → file), so a 400 MB layer is tarred,
+/// hashed and written at the same time.
 pub struct BlobWriter {
-    file: Option<io::BufWriter<File>>,
     temp_path: PathBuf,
     blobs: PathBuf,
-    hasher: Sha256,
     size: u64,
+    /// The chunk being filled.
+    chunk: Vec<u8>,
+    sink: Option<Sink>,
+    /// Renamed into the store: the temp file is gone.
+    committed: bool,
+}
+
+/// Size of the chunks a blob is hashed and written in.
+const CHUNK_SIZE: usize = 1 << 20;
+/// Chunks in flight between the caller, the hasher and the file writer.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Where full chunks go.
+enum Sink {
+    /// Not yet one full chunk: the file and the hash state, on this thread.
+    Inline { file: File, hasher: Sha256 },
+    /// The pipeline threads.
+    Piped(Pipeline),
+}
+
+struct Pipeline {
+    /// Chunks to hash (and then write).
+    to_hasher: std::sync::mpsc::SyncSender<Vec<u8>>,
+    /// Written chunks, emptied, to fill again.
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Chunks allocated so far.
+    allocated: usize,
+    hasher: std::thread::JoinHandle<Sha256>,
+    writer: std::thread::JoinHandle<io::Result<File>>,
+}
+
+impl Pipeline {
+    fn start(mut file: File, mut hasher: Sha256) -> Self {
+        use std::sync::mpsc::sync_channel;
+        let (to_hasher, hasher_input) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+        let (to_writer, writer_input) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+        let (recycle, recycled) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+        let hasher = std::thread::Builder::new()
+            .name("rbuild-sha256".to_string())
+            .spawn(move || {
+                for chunk in hasher_input {
+                    hasher.update(&chunk);
+                    if to_writer.send(chunk).is_err() {
+                        break;
+                    }
+                }
+                hasher
+            })
+            .expect("threads can be spawned");
+        let writer = std::thread::Builder::new()
+            .name("rbuild-blob-write".to_string())
+            .spawn(move || {
+                for mut chunk in writer_input {
+                    file.write_all(&chunk)?;
+                    chunk.clear();
+                    // The caller may have stopped taking chunks back; then this one is dropped.
+                    let _ = recycle.try_send(chunk);
+                }
+                Ok(file)
+            })
+            .expect("threads can be spawned");
+        Self {
+            to_hasher,
+            recycled,
+            allocated: 1,
+            hasher,
+            writer,
+        }
+    }
+
+    /// An empty chunk to fill: a recycled one, a new one while fewer than the pipeline holds
+    /// are allocated, else the next one the writer gives back.
+    fn empty_chunk(&mut self) -> Vec<u8> {
+        if let Ok(chunk) = self.recycled.try_recv() {
+            return chunk;
+        }
+        if self.allocated < CHUNKS_IN_FLIGHT * 2 + 1 {
+            self.allocated += 1;
+            return Vec::with_capacity(CHUNK_SIZE);
+        }
+        self.recycled
+            .recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK_SIZE))
+    }
+
+    /// Waits for both threads: the hash of everything, and the file (or the write error).
+    fn finish(self) -> (Sha256, io::Result<File>) {
+        drop(self.to_hasher);
+        let hasher = self
+            .hasher
+            .join()
+            .expect("the hasher thread does not panic");
+        let file = self
+            .writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the blob writer thread panicked")));
+        (hasher, file)
+    }
 }
 
 impl BlobWriter {
@@ -349,6 +454,18 @@ impl BlobWriter {
         &self.temp_path
     }
 
+    /// Hands the full chunk on, starting the pipeline on the first one.
+    fn pass_chunk(&mut self) -> io::Result<()> {
+        let mut pipeline = match self.sink.take().expect("not committed") {
+            Sink::Inline { file, hasher } => Pipeline::start(file, hasher),
+            Sink::Piped(pipeline) => pipeline,
+        };
+        let full = std::mem::replace(&mut self.chunk, pipeline.empty_chunk());
+        let sent = pipeline.to_hasher.send(full);
+        self.sink = Some(Sink::Piped(pipeline));
+        sent.map_err(|_| io::Error::other("the blob writer stopped"))
+    }
+
     /// Verifies the content against what the caller expects, fsyncs it and renames it into
     /// the store.
     pub fn commit(
@@ -356,7 +473,32 @@ impl BlobWriter {
         expected: Option<&Digest>,
         expected_size: Option<u64>,
     ) -> Result<BlobInfo, ContentError> {
-        let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        let chunk = std::mem::take(&mut self.chunk);
+        let (hasher, file) = match self.sink.take().expect("a writer is committed once") {
+            Sink::Inline {
+                mut file,
+                mut hasher,
+            } => {
+                hasher.update(&chunk);
+                let written = file.write_all(&chunk).map(|()| file);
+                (hasher, written)
+            }
+            Sink::Piped(pipeline) => {
+                let sent = pipeline.to_hasher.send(chunk);
+                let (hasher, file) = pipeline.finish();
+                match sent {
+                    Ok(()) => (hasher, file),
+                    Err(_) => (
+                        hasher,
+                        Err(file
+                            .err()
+                            .unwrap_or_else(|| io::Error::other("the blob writer stopped"))),
+                    ),
+                }
+            }
+        };
+        let file = file.map_err(ContentError::io("write", &self.temp_path))?;
+        let digest = Digest::from_hasher(hasher);
         if let Some(expected) = expected
             && *expected != digest
         {
@@ -374,16 +516,11 @@ impl BlobWriter {
                 actual: self.size,
             });
         }
-        let file = self.file.take().expect("a writer is committed once");
-        let file = file.into_inner().map_err(|error| ContentError::Io {
-            action: "write",
-            path: self.temp_path.clone(),
-            source: error.into_error(),
-        })?;
         file.sync_all()
             .map_err(ContentError::io("fsync", &self.temp_path))?;
         let target = self.blobs.join(digest.hex());
         fs::rename(&self.temp_path, &target).map_err(ContentError::io("rename", &target))?;
+        self.committed = true;
         sync_directory(&self.blobs)?;
         Ok(BlobInfo {
             digest,
@@ -394,21 +531,28 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        let file = self.file.as_mut().expect("not committed");
-        let written = file.write(buffer)?;
-        self.hasher.update(&buffer[..written]);
-        self.size += written as u64;
-        Ok(written)
+        let room = CHUNK_SIZE - self.chunk.len();
+        let taken = room.min(buffer.len());
+        self.chunk.extend_from_slice(&buffer[..taken]);
+        self.size += taken as u64;
+        if self.chunk.len() == CHUNK_SIZE {
+            self.pass_chunk()?;
+        }
+        Ok(taken)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().expect("not committed").flush()
+        // Chunks reach the file as they fill; the rest at commit.
+        Ok(())
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if let Some(Sink::Piped(pipeline)) = self.sink.take() {
+            let _ = pipeline.finish();
+        }
+        if !self.committed {
             let _ = fs::remove_file(&self.temp_path);
         }
     }
@@ -558,6 +702,41 @@ mod tests {
             matches!(error, ContentError::SizeMismatch { .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn blobs_of_many_chunks_pass_the_pipeline_whole_and_in_order() {
+        let (_directory, store) = store();
+        // 3.5 chunks of bytes that differ by position, written in odd-sized pieces.
+        let bytes: Vec<u8> = (0..CHUNK_SIZE * 7 / 2)
+            .map(|index| (index % 251) as u8)
+            .collect();
+        let mut writer = store.writer().unwrap();
+        for piece in bytes.chunks(77_777) {
+            writer.write_all(piece).unwrap();
+        }
+        let info = writer
+            .commit(Some(&Digest::of(&bytes)), Some(bytes.len() as u64))
+            .unwrap();
+        assert_eq!(info.size, bytes.len() as u64);
+        assert_eq!(fs::read(store.blob_path(&info.digest)).unwrap(), bytes);
+
+        // A lie over several chunks is refused and leaves nothing, stored or in ingest.
+        let mut writer = store.writer().unwrap();
+        writer.write_all(&bytes).unwrap();
+        let claimed = Digest::of(b"something else");
+        assert!(matches!(
+            writer.commit(Some(&claimed), None),
+            Err(ContentError::DigestMismatch { .. })
+        ));
+        assert!(!store.contains(&claimed));
+        assert_eq!(fs::read_dir(store.ingest_directory()).unwrap().count(), 0);
+
+        // Dropped half-way: the temp file goes too.
+        let mut writer = store.writer().unwrap();
+        writer.write_all(&bytes[..CHUNK_SIZE * 2 + 5]).unwrap();
+        drop(writer);
+        assert_eq!(fs::read_dir(store.ingest_directory()).unwrap().count(), 0);
     }
 
     #[test]

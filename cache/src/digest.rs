@@ -109,7 +109,7 @@ impl fmt::Debug for Digest {
 /// A writer that hashes and counts what passes through it to `inner`.
 pub struct DigestWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     size: u64,
 }
 
@@ -118,7 +118,18 @@ impl<W: Write> DigestWriter<W> {
     pub fn new(inner: W) -> Self {
         Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
+            size: 0,
+        }
+    }
+
+    /// Wraps `inner`, counting but not hashing: for when `inner` hashes the same bytes itself
+    /// (an uncompressed layer's diff id is its blob digest). [`DigestWriter::finish`] then
+    /// gives no digest.
+    pub fn counting(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: None,
             size: 0,
         }
     }
@@ -128,9 +139,10 @@ impl<W: Write> DigestWriter<W> {
         self.size
     }
 
-    /// The inner writer, the digest and the size of everything written.
-    pub fn finish(self) -> (W, Digest, u64) {
-        (self.inner, Digest::from_hasher(self.hasher), self.size)
+    /// The inner writer, the digest (none when only counting) and the size of everything
+    /// written.
+    pub fn finish(self) -> (W, Option<Digest>, u64) {
+        (self.inner, self.hasher.map(Digest::from_hasher), self.size)
     }
 
     /// The inner writer.
@@ -142,7 +154,9 @@ impl<W: Write> DigestWriter<W> {
 impl<W: Write> Write for DigestWriter<W> {
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
         let written = self.inner.write(buffer)?;
-        self.hasher.update(&buffer[..written]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buffer[..written]);
+        }
         self.size += written as u64;
         Ok(written)
     }
@@ -189,6 +203,6 @@ mod tests {
         let (bytes, digest, size) = writer.finish();
         assert_eq!(bytes, b"hello world");
         assert_eq!(size, 11);
-        assert_eq!(digest, Digest::of(b"hello world"));
+        assert_eq!(digest, Some(Digest::of(b"hello world")));
     }
 }

@@ -275,7 +275,11 @@ fn start_blob(
             source,
         }
     })?;
-    Ok(DigestWriter::new(encoder))
+    // Uncompressed, the blob writer's own sha256 is the diff id: hash the bytes once.
+    Ok(match compression {
+        Compression::None => DigestWriter::counting(encoder),
+        _ => DigestWriter::new(encoder),
+    })
 }
 
 fn commit_blob(tar: BlobPipeline, compression: Compression) -> Result<Layer, LayerError> {
@@ -283,9 +287,9 @@ fn commit_blob(tar: BlobPipeline, compression: Compression) -> Result<Layer, Lay
     let blob = encoder.finish().map_err(LayerError::write)?;
     let info = blob.commit(None, None)?;
     Ok(Layer {
+        diff_id: diff_id.unwrap_or_else(|| info.digest.clone()),
         digest: info.digest,
         size: info.size,
-        diff_id,
         uncompressed_size,
         media_type: compression.media_type(),
     })

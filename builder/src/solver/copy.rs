@@ -12,11 +12,13 @@
 //!   `COPY --parents ./x/./y/z /dst/` makes `/dst/y/z`, as BuildKit's include-pattern copy does.
 //! - `--chmod` takes octal modes or chmod(1) symbolic ones (`u+x`, `go-w`, `a=rX`, `u=rwx,go=rx`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use super::archive;
 use super::fetch::{self, Checksum, Download};
+use super::fingerprint::Fingerprint;
 use super::*;
+use rbuild_cache::context::SelectedFile;
 
 /// What a COPY reads, for its cache key.
 #[derive(Default)]
@@ -37,6 +39,23 @@ pub(super) struct Prepared {
     selection: Option<Selection>,
     /// URL → its download, for URLs without `--checksum` (fetched to compute the key).
     downloads: BTreeMap<String, Download>,
+}
+
+/// The snapshot a COPY made last time and the files it was made from.
+pub(super) struct Reuse<'a> {
+    snapshot: PathBuf,
+    files: &'a BTreeMap<String, String>,
+}
+
+/// What a step's fingerprint records of a selected context file: mode and content hash (or
+/// link target).
+fn file_fingerprint(file: &SelectedFile) -> String {
+    let content = match &file.kind {
+        FileKind::File => file.hash.map(hex_of).unwrap_or_default(),
+        FileKind::Symlink { target } => format!("-> {target}"),
+        other => format!("{other:?}"),
+    };
+    format!("{:o} {content}", file.mode)
 }
 
 /// Whether a source names a remote resource rather than a path.
@@ -198,14 +217,7 @@ impl Solver {
         let files = selection
             .files
             .iter()
-            .map(|file| {
-                let content = match &file.kind {
-                    FileKind::File => file.hash.map(hex_of).unwrap_or_default(),
-                    FileKind::Symlink { target } => format!("-> {target}"),
-                    other => format!("{other:?}"),
-                };
-                (file.path.clone(), format!("{:o} {content}", file.mode))
-            })
+            .map(|file| (file.path.clone(), file_fingerprint(file)))
             .collect();
         Ok(CopyInputs {
             checksum: Some(selection.digest.clone()),
@@ -252,15 +264,37 @@ impl Solver {
         copy: &CopyOp,
         prepared: &Prepared,
         layers: &[LayerRecord],
+        previous: Option<&Fingerprint>,
     ) -> Result<Option<LayerRecord>, SolveError> {
         let scratch = self.scratch_directory("copy")?;
         let tree = scratch.join("tree");
         fs::create_dir_all(&tree).map_err(io_error("create", &tree))?;
+        let reuse = self.reuse(step, previous);
         let result = self
-            .copy_into(step, copy, prepared, layers, &tree)
+            .copy_into(step, copy, prepared, layers, &tree, reuse.as_ref())
             .and_then(|()| self.layer_from(&tree, LayerSource::Directory));
         let _ = fs::remove_dir_all(&scratch);
         result
+    }
+
+    /// The snapshot this step made last time, when it is still there and its files carry
+    /// their sources' modification times (not under `SOURCE_DATE_EPOCH`, whose snapshots are
+    /// unpacked from clamped layers), and the step is the same instruction.
+    fn reuse<'a>(&self, step: &Step, previous: Option<&'a Fingerprint>) -> Option<Reuse<'a>> {
+        // Under `--no-cache` too: the step runs again and makes its layer anew; linking a file
+        // whose content (blake3) and metadata were checked unchanged is how it writes it, as
+        // BuildKit's context transfer skips unchanged files.
+        if self.options.source_date_epoch.is_some() {
+            return None;
+        }
+        // The same instruction, so the same file lands at the same path.
+        let previous = previous.filter(|previous| previous.definition == step.definition_digest)?;
+        let diff_id: Digest = previous.layer.as_ref()?.parse().ok()?;
+        let snapshot = self.store.snapshots_directory().join(diff_id.hex());
+        snapshot.is_dir().then_some(Reuse {
+            snapshot,
+            files: &previous.files,
+        })
     }
 
     fn copy_into(
@@ -270,6 +304,7 @@ impl Solver {
         prepared: &Prepared,
         layers: &[LayerRecord],
         tree: &Path,
+        reuse: Option<&Reuse>,
     ) -> Result<(), SolveError> {
         let ownership = match &copy.options.chown {
             Some(chown) => Some(self.resolve_owner(step, chown, layers)?),
@@ -337,6 +372,7 @@ impl Solver {
                             into_directory,
                             ownership,
                             mode,
+                            reuse,
                         )?;
                     }
                     let checksum = self.checksum(step, copy)?;
@@ -467,6 +503,7 @@ impl Solver {
         into_directory: bool,
         ownership: Option<(u32, u32)>,
         mode: Option<&ModeChange>,
+        reuse: Option<&Reuse>,
     ) -> Result<(), SolveError> {
         let unpack = copy.is_add && copy.options.unpack != Some(false);
         let archives: BTreeSet<usize> = if unpack {
@@ -486,11 +523,14 @@ impl Solver {
         // For --parents: each root's path under the destination, its parents made once.
         let mut kept_paths: BTreeMap<usize, String> = BTreeMap::new();
         let mut extracted = BTreeSet::new();
+        let mut copies = ContextCopies::new(ownership, mode);
         // Only the selected files: what .dockerignore and --exclude hide is never copied.
         for file in &selection.files {
             let root = &selection.roots[file.root];
             if archives.contains(&file.root) {
                 if extracted.insert(file.root) {
+                    // What was copied so far lands before the archive is unpacked over it.
+                    copies.flush()?;
                     let path = self.context.join(&file.path);
                     self.extract(step, &path, &file.path, tree, base, ownership)?;
                 }
@@ -523,10 +563,17 @@ impl Solver {
                 base.to_string()
             };
             let source = self.context.join(&file.path);
-            let target = tree.join(relative.trim_start_matches('/'));
-            copy_entry(&source, &target, &file.kind, file.mode, ownership, mode)?;
+            let relative = relative.trim_start_matches('/');
+            let target = tree.join(relative);
+            // A file this step copied last time, unchanged since: its copy in that snapshot.
+            let previous = reuse.and_then(|reuse| {
+                (matches!(file.kind, FileKind::File)
+                    && reuse.files.get(&file.path) == Some(&file_fingerprint(file)))
+                .then(|| reuse.snapshot.join(relative))
+            });
+            copies.add(source, target, &file.kind, file.mode, previous)?;
         }
-        Ok(())
+        copies.finish()
     }
 
     /// Where `COPY --parents` puts what `source` matched (`matched`, relative to the context
@@ -661,13 +708,8 @@ fn copy_tree(
         std::os::unix::fs::lchown(target, Some(uid), Some(gid))
             .map_err(io_error("chown", target))?;
     } else if metadata.is_file() {
-        let _ = fs::remove_file(target);
-        fs::copy(source, target).map_err(io_error("copy", target))?;
-        std::os::unix::fs::lchown(target, Some(uid), Some(gid))
-            .map_err(io_error("chown", target))?;
         let bits = apply_mode(mode, metadata.mode() & 0o7777, false);
-        fs::set_permissions(target, fs::Permissions::from_mode(bits))
-            .map_err(io_error("chmod", target))?;
+        return copy_file(source, target, bits, (uid, gid));
     }
     // Copies keep the source's modification time, as BuildKit's do.
     let times =
@@ -683,55 +725,197 @@ fn copy_tree(
     Ok(())
 }
 
-/// Copies one selected context entry (never following symlinks) to `target`.
-fn copy_entry(
+/// The copies of selected context entries (never following symlinks), in selection order.
+///
+/// Directories and symlinks are made as they come; regular files, the bulk of the work, are
+/// queued and copied in parallel, each directory before anything inside it. A target named
+/// twice (two sources overlapping) first lets the queue drain, so the later source wins as in
+/// a copy one by one. Directories get their mode and mtime last, once nothing more is written
+/// into them.
+struct ContextCopies<'a> {
+    ownership: (u32, u32),
+    mode: Option<&'a ModeChange>,
+    /// Regular files to copy: (source, target, permission bits, the same file in the
+    /// previous snapshot).
+    queued: Vec<(PathBuf, PathBuf, u32, Option<PathBuf>)>,
+    /// Every target so far.
+    targets: HashSet<PathBuf>,
+    /// Directories made: (source, target, permission bits), parents first.
+    directories: Vec<(PathBuf, PathBuf, u32)>,
+    /// The last parent directory made sure of, so a directory's files check it once.
+    last_parent: Option<PathBuf>,
+}
+
+impl<'a> ContextCopies<'a> {
+    fn new(ownership: Option<(u32, u32)>, mode: Option<&'a ModeChange>) -> Self {
+        Self {
+            ownership: ownership.unwrap_or((0, 0)),
+            mode,
+            queued: Vec::new(),
+            targets: HashSet::new(),
+            directories: Vec::new(),
+            last_parent: None,
+        }
+    }
+
+    /// Copies (or queues the copy of) `source`, of `kind` with permission bits `source_mode`,
+    /// to `target`. `previous` is where the same content was put by this step's last build.
+    fn add(
+        &mut self,
+        source: PathBuf,
+        target: PathBuf,
+        kind: &FileKind,
+        source_mode: u32,
+        previous: Option<PathBuf>,
+    ) -> Result<(), SolveError> {
+        if !self.targets.insert(target.clone()) {
+            self.flush()?;
+            self.targets.insert(target.clone());
+        }
+        if let Some(parent) = target.parent()
+            && self.last_parent.as_deref() != Some(parent)
+        {
+            fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+            self.last_parent = Some(parent.to_path_buf());
+        }
+        let (uid, gid) = self.ownership;
+        match kind {
+            FileKind::Directory => {
+                if !target.is_dir() {
+                    fs::create_dir(&target).map_err(io_error("create", &target))?;
+                }
+                std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
+                    .map_err(io_error("chown", &target))?;
+                let bits = apply_mode(self.mode, source_mode, true);
+                self.directories.push((source, target, bits));
+            }
+            FileKind::Symlink { target: link } => {
+                let _ = fs::remove_file(&target);
+                std::os::unix::fs::symlink(link, &target).map_err(io_error("symlink", &target))?;
+                std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
+                    .map_err(io_error("chown", &target))?;
+            }
+            FileKind::File => {
+                let bits = apply_mode(self.mode, source_mode, false);
+                self.queued.push((source, target, bits, previous));
+            }
+            // Pipes, sockets and devices in a context are not copied (BuildKit skips sockets too).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Copies the queued files, in parallel.
+    fn flush(&mut self) -> Result<(), SolveError> {
+        use rayon::prelude::*;
+        let queued = std::mem::take(&mut self.queued);
+        self.targets.clear();
+        let ownership = self.ownership;
+        queued
+            .par_iter()
+            .try_for_each(|(source, target, bits, previous)| {
+                if let Some(previous) = previous
+                    && link_previous(previous, source, target, *bits, ownership)?
+                {
+                    return Ok(());
+                }
+                copy_file(source, target, *bits, ownership)
+            })
+    }
+
+    /// Copies what is queued, then gives the directories their modes and modification
+    /// times, deepest first.
+    fn finish(mut self) -> Result<(), SolveError> {
+        self.flush()?;
+        for (source, target, bits) in self.directories.iter().rev() {
+            let modified = fs::symlink_metadata(source)
+                .and_then(|metadata| metadata.modified())
+                .map_err(io_error("stat", source))?;
+            let directory = fs::File::open(target).map_err(io_error("open", target))?;
+            directory
+                .set_permissions(fs::Permissions::from_mode(*bits))
+                .map_err(io_error("chmod", target))?;
+            directory
+                .set_times(fs::FileTimes::new().set_modified(modified))
+                .map_err(io_error("set times", target))?;
+        }
+        Ok(())
+    }
+}
+
+/// Links `target` to `previous`, the copy of `source` in an earlier snapshot of the same step,
+/// when that copy is exactly what a copy now would make: a regular file with the same size,
+/// `bits`, owner and modification time. Snapshots are never written to, so sharing the inode
+/// is safe, and a one-file edit of a large context writes one file, not all of them. Returns
+/// whether it linked.
+fn link_previous(
+    previous: &Path,
     source: &Path,
     target: &Path,
-    kind: &FileKind,
-    source_mode: u32,
-    ownership: Option<(u32, u32)>,
-    mode: Option<&ModeChange>,
+    bits: u32,
+    (uid, gid): (u32, u32),
+) -> Result<bool, SolveError> {
+    let (Ok(old), Ok(now)) = (fs::symlink_metadata(previous), fs::symlink_metadata(source)) else {
+        return Ok(false);
+    };
+    let same = old.is_file()
+        && now.is_file()
+        && old.len() == now.len()
+        && old.mode() & 0o7777 == bits
+        && (old.uid(), old.gid()) == (uid, gid)
+        && (old.mtime(), old.mtime_nsec()) == (now.mtime(), now.mtime_nsec());
+    if !same {
+        return Ok(false);
+    }
+    match fs::hard_link(previous, target) {
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(target).map_err(io_error("replace", target))?;
+            fs::hard_link(previous, target).map_err(io_error("link", target))?;
+        }
+        result => result.map_err(io_error("link", target))?,
+    }
+    Ok(true)
+}
+
+/// Copies the regular file `source` to `target`, replacing what is there (never writing
+/// through a symlink at `target`): owned by `uid:gid`, with permission `bits` and the source's
+/// modification time, as BuildKit's copies keep it. Works on open files, so each path is
+/// looked up once.
+fn copy_file(
+    source: &Path,
+    target: &Path,
+    bits: u32,
+    (uid, gid): (u32, u32),
 ) -> Result<(), SolveError> {
-    let (uid, gid) = ownership.unwrap_or((0, 0));
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
-    }
-    match kind {
-        FileKind::Directory => {
-            if !target.is_dir() {
-                fs::create_dir(target).map_err(io_error("create", target))?;
-            }
-            fs::set_permissions(
-                target,
-                fs::Permissions::from_mode(apply_mode(mode, source_mode, true)),
-            )
-            .map_err(io_error("chmod", target))?;
+    let mut input = fs::File::open(source).map_err(io_error("open", source))?;
+    let modified = input
+        .metadata()
+        .and_then(|metadata| metadata.modified())
+        .map_err(io_error("stat", source))?;
+    // O_CREAT|O_EXCL never follows a symlink at the target; what is there is removed first.
+    let create = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+    };
+    let mut output = match create() {
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(target).map_err(io_error("replace", target))?;
+            create()
         }
-        FileKind::Symlink { target: link } => {
-            let _ = fs::remove_file(target);
-            std::os::unix::fs::symlink(link, target).map_err(io_error("symlink", target))?;
-        }
-        FileKind::File => {
-            let _ = fs::remove_file(target);
-            fs::copy(source, target).map_err(io_error("copy", source))?;
-            fs::set_permissions(
-                target,
-                fs::Permissions::from_mode(apply_mode(mode, source_mode, false)),
-            )
-            .map_err(io_error("chmod", target))?;
-        }
-        // Pipes, sockets and devices in a context are not copied (BuildKit skips sockets too).
-        _ => return Ok(()),
+        result => result,
     }
-    std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(io_error("chown", target))?;
-    if !matches!(kind, FileKind::Symlink { .. }) {
-        let modified = fs::symlink_metadata(source)
-            .and_then(|metadata| metadata.modified())
-            .map_err(io_error("stat", source))?;
-        fs::File::open(target)
-            .and_then(|file| file.set_times(fs::FileTimes::new().set_modified(modified)))
-            .map_err(io_error("set times", target))?;
-    }
+    .map_err(io_error("create", target))?;
+    io::copy(&mut input, &mut output).map_err(io_error("copy", source))?;
+    // Ownership before the mode: a chown clears setuid and setgid bits.
+    std::os::unix::fs::fchown(&output, Some(uid), Some(gid)).map_err(io_error("chown", target))?;
+    output
+        .set_permissions(fs::Permissions::from_mode(bits))
+        .map_err(io_error("chmod", target))?;
+    output
+        .set_times(fs::FileTimes::new().set_modified(modified))
+        .map_err(io_error("set times", target))?;
     Ok(())
 }
 

@@ -15,6 +15,10 @@ pub(super) struct Fingerprint {
     pub(super) env: Vec<String>,
     /// Context files read: path → mode and content hash (or link target).
     pub(super) files: BTreeMap<String, String>,
+    /// The diff id of the layer the step made, if any: a COPY's next run links the files
+    /// that did not change from its snapshot instead of copying them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) layer: Option<String>,
 }
 
 impl Fingerprint {

@@ -629,7 +629,7 @@ impl Solver {
                     Outcome::ConfigOnly
                 } else {
                     let fingerprint = self.fingerprint(step, built);
-                    self.cached_or(step, built, key, fingerprint, id, |solver, _| {
+                    self.cached_or(step, built, key, fingerprint, id, |solver, _, _| {
                         solver.workdir_layer(path)
                     })?
                 }
@@ -647,7 +647,7 @@ impl Solver {
                     .collect();
                 fingerprint.files = inputs.files.clone();
                 fingerprint.inputs = inputs.inputs.clone();
-                self.cached_or(step, built, key, fingerprint, id, |solver, id| {
+                self.cached_or(step, built, key, fingerprint, id, |solver, id, _| {
                     solver.run(step, run, &inputs, &layers, id)
                 })?
             }
@@ -676,8 +676,8 @@ impl Solver {
                     )],
                     Input::Context => Vec::new(),
                 };
-                self.cached_or(step, built, key, fingerprint, id, |solver, _| {
-                    solver.copy(step, copy, &prepared, &layers)
+                self.cached_or(step, built, key, fingerprint, id, |solver, _, previous| {
+                    solver.copy(step, copy, &prepared, &layers, previous)
                 })?
             }
         };
@@ -709,9 +709,9 @@ impl Solver {
         step: &Step,
         built: &mut Built,
         key: Digest,
-        fingerprint: Fingerprint,
+        mut fingerprint: Fingerprint,
         id: usize,
-        make: impl FnOnce(&Self, usize) -> Result<Option<LayerRecord>, SolveError>,
+        make: impl FnOnce(&Self, usize, Option<&Fingerprint>) -> Result<Option<LayerRecord>, SolveError>,
     ) -> Result<Outcome, SolveError> {
         let history = self.history_path(step, built.stage_index);
         let previous: Option<Fingerprint> = fs::read(&history)
@@ -761,7 +761,7 @@ impl Solver {
                     .clone();
                 let mut made: Option<Result<Option<LayerRecord>, SolveError>> = None;
                 let shared = flight.get_or_init(|| {
-                    let result = make(self, id).and_then(|layer| {
+                    let result = make(self, id, previous.as_ref()).and_then(|layer| {
                         let record = CacheRecord {
                             key: key.clone(),
                             blobs: layer
@@ -790,6 +790,7 @@ impl Solver {
         };
         // Remembered only once the step succeeded, so the next miss compares with a build
         // that worked.
+        fingerprint.layer = layer.as_ref().map(|layer| layer.diff_id.to_string());
         if !self.options.dry_run && previous.as_ref() != Some(&fingerprint) {
             let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
             let _ = rbuild_cache::content::write_atomic(&history, &bytes);
