@@ -382,8 +382,9 @@ impl Client {
         request.send().map_err(|source| RegistryError::Http {
             reference: self.reference.clone(),
             action: action.to_string(),
-            url: url.to_string(),
-            source,
+            // An upload location's query is the session's opaque state: noise in a message.
+            url: url.split('?').next().unwrap_or(url).to_string(),
+            source: source.without_url(),
         })
     }
 

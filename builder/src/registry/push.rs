@@ -242,18 +242,22 @@ fn upload(
         } else {
             upload_status(client, &location).ok().flatten()
         };
-        match status {
+        let resumed_how = match status {
             Some((next_location, received)) => {
                 location = next_location;
                 offset = received;
+                format!("from byte {offset}")
             }
             None => {
+                // Distribution cancels a session whose PATCH broke off after some bytes
+                // reached it (its `_state` offset no longer matches): start again.
                 location = start_upload(client, &blob.digest)?;
                 offset = 0;
+                "in a new upload session".to_string()
             }
-        }
+        };
         eprintln!(
-            "retrying {} from byte {offset} (attempt {attempt}/{ATTEMPTS}): {}",
+            "retrying {} {resumed_how} (attempt {attempt}/{ATTEMPTS}): {}",
             blob.digest,
             chain_text(&error)
         );
