@@ -85,7 +85,7 @@ pub enum ExportError {
         name: String,
         /// The cause.
         #[source]
-        source: crate::registry::RegistryError,
+        source: Box<crate::registry::RegistryError>,
     },
     /// A filesystem operation failed.
     #[error("{action} {path}")]
@@ -214,7 +214,7 @@ impl<'a> Exporter<'a> {
                     crate::registry::push(self.store, &self.image, &reference).map_err(
                         |source| ExportError::Push {
                             name: name.clone(),
-                            source,
+                            source: Box::new(source),
                         },
                     )?;
                 }

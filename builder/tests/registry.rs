@@ -43,7 +43,11 @@ fn layer_digests(root: &Path, name: &str) -> Vec<String> {
 fn skopeo_inspect(reference: &str) -> serde_json::Value {
     serde_json::from_str(&tool(
         "skopeo",
-        &["inspect", "--tls-verify=false", &format!("docker://{reference}")],
+        &[
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ],
     ))
     .expect("skopeo prints JSON")
 }
@@ -138,7 +142,10 @@ fn push_then_pull_on_a_fresh_root_gives_the_same_image_and_it_runs() {
     let after = inspect(&second, &name);
     assert_eq!(after["digest"], before["digest"]);
     assert_eq!(after["config_digest"], before["config_digest"]);
-    let (said, _) = run_ok(&second, &["run", "--rm", &name, "echo", "hello from the registry"]);
+    let (said, _) = run_ok(
+        &second,
+        &["run", "--rm", &name, "echo", "hello from the registry"],
+    );
     assert_eq!(said.trim(), "hello from the registry");
 
     // Pulling again skips what the store has; pulling by digest works too.
@@ -168,7 +175,11 @@ fn rbuild_pulls_what_skopeo_pushed_with_docker_and_oci_media_types_and_builds_fr
             "docker-types",
             "application/vnd.docker.image.rootfs.diff.tar.gzip",
         ),
-        ("oci", "oci-types", "application/vnd.oci.image.layer.v1.tar+gzip"),
+        (
+            "oci",
+            "oci-types",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
     ] {
         let name = format!("{}/{repository}:v1", registry.address());
         tool(
@@ -199,10 +210,7 @@ fn rbuild_pulls_what_skopeo_pushed_with_docker_and_oci_media_types_and_builds_fr
         )
         .unwrap();
         // A dry run fetches nothing.
-        let (plan, _) = run_ok(
-            &root,
-            &["build", "--dry-run", context.to_str().unwrap()],
-        );
+        let (plan, _) = run_ok(&root, &["build", "--dry-run", context.to_str().unwrap()]);
         assert!(plan.contains("not in the store"), "{plan}");
         assert!(stored_blobs(&root).is_empty());
         let (_, stderr) = run_ok(
@@ -381,7 +389,10 @@ fn a_blob_that_does_not_match_its_digest_is_rejected_and_not_stored() {
 
     let fresh = directory.join("fresh");
     let stderr = fails(rbuild(&fresh, &["pull", &name]));
-    assert!(stderr.contains(&layer), "the error names the blob: {stderr}");
+    assert!(
+        stderr.contains(&layer),
+        "the error names the blob: {stderr}"
+    );
     assert!(stderr.contains("rejected"), "{stderr}");
     assert!(!stored_blobs(&fresh).iter().any(|blob| blob == layer_hex));
     assert!(ingest_is_empty(&fresh));
@@ -391,7 +402,11 @@ fn a_blob_that_does_not_match_its_digest_is_rejected_and_not_stored() {
     // A build from it fails naming the FROM line, and stores nothing of the layer either.
     let context = directory.join("context");
     fs::create_dir_all(&context).unwrap();
-    fs::write(context.join("Dockerfile"), format!("FROM {name}\nRUN true\n")).unwrap();
+    fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {name}\nRUN true\n"),
+    )
+    .unwrap();
     let stderr = fails(rbuild(&fresh, &["build", context.to_str().unwrap()]));
     assert!(stderr.contains("Dockerfile:1: FROM"), "{stderr}");
     assert!(stderr.contains(&layer), "{stderr}");
@@ -407,4 +422,84 @@ fn pull_errors_name_the_reference_and_what_the_registry_said() {
     let stderr = fails(rbuild(&root, &["pull", &missing]));
     assert!(stderr.contains(&missing), "{stderr}");
     assert!(stderr.contains("MANIFEST_UNKNOWN"), "{stderr}");
+}
+
+/// `rbuild --root ROOT ARGUMENTS...` with `DOCKER_CONFIG` set.
+fn rbuild_with_config(root: &Path, config: &Path, arguments: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rbuild"))
+        .arg("--root")
+        .arg(root)
+        .args(arguments)
+        .env("DOCKER_CONFIG", config)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("rbuild runs")
+}
+
+#[test]
+fn push_and_pull_through_token_auth_with_docker_config_credentials() {
+    let directory = TempDirectory::new("registry-token");
+    let registry = Registry::with_token_auth("builder", "s3cret");
+    let root = directory.join("root");
+    let name = format!("{}/private/busybox:v1", registry.address());
+    let imported = import_busybox(&root, &name);
+
+    // Without credentials the registry refuses, and the error says so.
+    let nobody = directory.join("nobody");
+    fs::create_dir_all(&nobody).unwrap();
+    let stderr = fails(rbuild_with_config(&root, &nobody, &["push", &name]));
+    assert!(stderr.contains(&name), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(stderr.contains("no credentials for"), "{stderr}");
+    let anonymous_tokens = registry.tokens_issued();
+
+    let config = common::registry::docker_config(
+        &directory.join("docker"),
+        &registry.address(),
+        "builder",
+        "s3cret",
+    );
+    let output = rbuild_with_config(&root, &config, &["push", &name]);
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), imported, "{stderr}");
+    assert!(registry.tokens_issued() > anonymous_tokens);
+    assert_eq!(
+        skopeo_raw_with_credentials(&name)["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+
+    let fresh = directory.join("fresh");
+    let output = rbuild_with_config(&fresh, &config, &["pull", &name]);
+    assert_eq!(succeeds(output).trim(), imported);
+    let (said, _) = run_ok(&fresh, &["run", "--rm", &name, "echo", "authorized"]);
+    assert_eq!(said.trim(), "authorized");
+
+    // A wrong password is refused by the token server.
+    let wrong = common::registry::docker_config(
+        &directory.join("wrong"),
+        &registry.address(),
+        "builder",
+        "guess",
+    );
+    let other = directory.join("other");
+    let stderr = fails(rbuild_with_config(&other, &wrong, &["pull", &name]));
+    assert!(stderr.contains(&name), "{stderr}");
+    assert!(registry.tokens_refused() >= 1);
+    assert!(stored_blobs(&other).is_empty());
+}
+
+fn skopeo_raw_with_credentials(reference: &str) -> serde_json::Value {
+    serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--creds",
+            "builder:s3cret",
+            &format!("docker://{reference}"),
+        ],
+    ))
+    .expect("skopeo prints the manifest")
 }

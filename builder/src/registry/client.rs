@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use reqwest::blocking::{RequestBuilder, Response};
@@ -123,7 +123,9 @@ pub enum RegistryError {
         media_type: String,
     },
     /// An index without the platform asked for.
-    #[error("{reference}: no image for platform {platform} in index {digest} (it has: {available})")]
+    #[error(
+        "{reference}: no image for platform {platform} in index {digest} (it has: {available})"
+    )]
     NoPlatform {
         /// The image reference.
         reference: String,
@@ -280,8 +282,6 @@ pub struct Client {
     reference: String,
     scope: String,
     authenticator: Authenticator,
-    /// The last header a challenge was answered with, for when the authenticator keeps none.
-    answered: Mutex<Option<String>>,
 }
 
 impl Client {
@@ -301,7 +301,6 @@ impl Client {
             repository: reference.repository().to_string(),
             reference: reference.to_string(),
             scope: format!("repository:{}:{access}", reference.repository()),
-            answered: Mutex::new(None),
         })
     }
 
@@ -340,10 +339,7 @@ impl Client {
         action: &str,
         prepare: &dyn Fn(RequestBuilder) -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
-        let authorization = self
-            .authenticator
-            .header(&self.scope)
-            .or_else(|| self.answered.lock().expect("not poisoned").clone());
+        let authorization = self.authenticator.header(&self.scope);
         let response = self.send_once(method.clone(), url, action, prepare, authorization)?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
@@ -363,7 +359,6 @@ impl Client {
                 reference: self.reference.clone(),
                 source,
             })?;
-        *self.answered.lock().expect("not poisoned") = Some(answer.clone());
         self.send_once(method, url, action, prepare, Some(answer))
     }
 
@@ -438,11 +433,18 @@ impl Client {
         let status = response.status();
         let mut body = Vec::new();
         let _ = io::Read::read_to_end(&mut io::Read::take(response, 64 * 1024), &mut body);
+        let mut message = error_message(&body);
+        if status == StatusCode::UNAUTHORIZED && !self.authenticator.has_credentials() {
+            message.push_str(&format!(
+                " (the Docker config has no credentials for {})",
+                self.endpoint.registry
+            ));
+        }
         RegistryError::Status {
             reference: self.reference.clone(),
             action: action.to_string(),
             status,
-            message: error_message(&body),
+            message,
         }
     }
 }
@@ -506,16 +508,25 @@ mod tests {
             assert!(is_loopback(registry), "{registry}");
             assert!(Endpoint::of(registry).base.starts_with("http://"));
         }
-        for registry in ["docker.io", "ghcr.io", "10.0.0.1:5000", "localhost.example.com"] {
+        for registry in [
+            "docker.io",
+            "ghcr.io",
+            "10.0.0.1:5000",
+            "localhost.example.com",
+        ] {
             assert!(!is_loopback(registry), "{registry}");
         }
-        assert_eq!(Endpoint::of("docker.io").base, "https://registry-1.docker.io");
+        assert_eq!(
+            Endpoint::of("docker.io").base,
+            "https://registry-1.docker.io"
+        );
         assert_eq!(Endpoint::of("ghcr.io").base, "https://ghcr.io");
     }
 
     #[test]
     fn error_bodies_become_messages() {
-        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        let body =
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
         assert_eq!(error_message(body), ": MANIFEST_UNKNOWN: manifest unknown");
         assert_eq!(error_message(b"<html>"), "");
         assert_eq!(error_message(br#"{"errors":[]}"#), "");

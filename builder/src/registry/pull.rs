@@ -65,9 +65,8 @@ pub fn pull(
         });
     }
     let digest = Digest::of(&bytes);
-    let manifest: Value = serde_json::from_slice(&bytes).map_err(|error| bad(
-        &client, "manifest", &digest, error.to_string(),
-    ))?;
+    let manifest: Value = serde_json::from_slice(&bytes)
+        .map_err(|error| bad(&client, "manifest", &digest, error.to_string()))?;
     let mut blobs = vec![descriptor(&client, &digest, &manifest["config"])?];
     for layer in manifest["layers"].as_array().into_iter().flatten() {
         blobs.push(descriptor(&client, &digest, layer)?);
@@ -115,7 +114,10 @@ fn fetch_manifest(
             })
             .and_then(|response| {
                 let response_type = header_text(&response, header::CONTENT_TYPE);
-                let announced = header_text(&response, "docker-content-digest".parse().expect("a header name"));
+                let announced = header_text(
+                    &response,
+                    "docker-content-digest".parse().expect("a header name"),
+                );
                 let mut bytes = Vec::new();
                 response
                     .take(MAX_MANIFEST_SIZE + 1)
@@ -370,7 +372,9 @@ fn download_into(
     let mut remaining = blob.size.saturating_sub(offset) + 1;
     let mut buffer = vec![0; BUFFER_SIZE];
     while remaining > 0 {
-        let wanted = buffer.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let wanted = buffer
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         let read = match response.read(&mut buffer[..wanted]) {
             Ok(0) => break,
             Ok(read) => read,

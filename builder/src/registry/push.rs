@@ -30,7 +30,11 @@ const UPLOAD_THREADS: usize = 3;
 
 /// Pushes `image` (from `store`) to the registry and repository `destination` names, under its
 /// tag (or its digest); returns the manifest digest. Progress lines go to stderr.
-pub fn push(store: &Store, image: &Image, destination: &Reference) -> Result<Digest, RegistryError> {
+pub fn push(
+    store: &Store,
+    image: &Image,
+    destination: &Reference,
+) -> Result<Digest, RegistryError> {
     let client = Client::new(destination, true)?;
     let mounts = mount_sources(store, destination)?;
     let mut blobs = vec![image.config_target.clone()];
@@ -119,7 +123,10 @@ fn mount_sources(
         digests.extend(image.layers()?.into_iter().map(|layer| layer.digest));
         for digest in digests {
             let repositories = sources.entry(digest).or_default();
-            if !repositories.iter().any(|known| known == reference.repository()) {
+            if !repositories
+                .iter()
+                .any(|known| known == reference.repository())
+            {
                 repositories.push(reference.repository().to_string());
             }
         }
