@@ -503,3 +503,98 @@ fn skopeo_raw_with_credentials(reference: &str) -> serde_json::Value {
     ))
     .expect("skopeo prints the manifest")
 }
+
+fn write_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let hex = common::sha256_hex(bytes);
+    fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    (format!("sha256:{hex}"), bytes.len())
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn pull_picks_the_platform_from_an_index() {
+    let directory = TempDirectory::new("registry-index");
+    let registry = Registry::open();
+    let source = directory.join("source");
+    import_busybox(&source, "busybox:local");
+    let archive = directory.join("busybox.tar");
+    succeeds(rbuild(
+        &source,
+        &["save", "-o", archive.to_str().unwrap(), "busybox:local"],
+    ));
+    // An OCI layout whose one entry is an index of an amd64 and an arm64 image (the arm64
+    // one differs only in its config's architecture).
+    let layout = directory.join("layout");
+    fs::create_dir_all(&layout).unwrap();
+    tool(
+        "tar",
+        &[
+            "-xf",
+            archive.to_str().unwrap(),
+            "-C",
+            layout.to_str().unwrap(),
+        ],
+    );
+    let amd64 = read_json(&layout.join("index.json"))["manifests"][0].clone();
+    let amd64_digest = amd64["digest"].as_str().unwrap().to_string();
+    let blob = |digest: &str| layout.join("blobs/sha256").join(&digest[7..]);
+    let mut manifest = read_json(&blob(&amd64_digest));
+    let mut config = read_json(&blob(manifest["config"]["digest"].as_str().unwrap()));
+    config["architecture"] = "arm64".into();
+    let (config_digest, config_size) = write_blob(&layout, &serde_json::to_vec(&config).unwrap());
+    manifest["config"]["digest"] = config_digest.into();
+    manifest["config"]["size"] = config_size.into();
+    let (arm64_digest, arm64_size) = write_blob(&layout, &serde_json::to_vec(&manifest).unwrap());
+    let manifest_type = "application/vnd.oci.image.manifest.v1+json";
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": manifest_type, "digest": amd64_digest, "size": amd64["size"],
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": manifest_type, "digest": arm64_digest, "size": arm64_size,
+             "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        ],
+    });
+    let (index_digest, index_size) = write_blob(&layout, &serde_json::to_vec(&index).unwrap());
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+                        "digest": index_digest, "size": index_size}],
+    });
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    let name = format!("{}/multi:v1", registry.address());
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            &format!("oci:{}", layout.display()),
+            &format!("docker://{name}"),
+        ],
+    );
+
+    let host = directory.join("host");
+    let (pulled, _) = run_ok(&host, &["pull", "--platform", "linux/amd64", &name]);
+    assert_eq!(pulled.trim(), amd64_digest);
+    let arm = directory.join("arm");
+    let (pulled, _) = run_ok(&arm, &["pull", "--platform", "linux/arm64", &name]);
+    assert_eq!(pulled.trim(), arm64_digest);
+    assert_eq!(inspect(&arm, &name)["architecture"], "arm64");
+    // By the index's digest, the platform's manifest is what gets stored.
+    let by_digest = format!("{}/multi@{index_digest}", registry.address());
+    let (pulled, _) = run_ok(&directory.join("by-digest"), &["pull", &by_digest]);
+    assert_eq!(pulled.trim(), amd64_digest);
+
+    let stderr = fails(rbuild(
+        &directory.join("none"),
+        &["pull", "--platform", "linux/s390x", &name],
+    ));
+    assert!(stderr.contains("linux/s390x"), "{stderr}");
+    assert!(stderr.contains("linux/amd64, linux/arm64/v8"), "{stderr}");
+}
