@@ -65,13 +65,16 @@ impl ImageResolver for StoreImages<'_> {
             None if self.pull => {
                 let store = self.store?;
                 let parsed = Reference::parse(reference).ok()?;
-                if let Err(error) = crate::registry::pull(store, &parsed, platform) {
-                    self.pull_failures
-                        .lock()
-                        .expect("not poisoned")
-                        .push((reference.to_string(), error));
+                let mut failures = self.pull_failures.lock().expect("not poisoned");
+                // Several stages may name the same image: one failed pull is enough.
+                if failures.iter().any(|(failed, _)| failed == reference) {
                     return None;
                 }
+                if let Err(error) = crate::registry::pull(store, &parsed, platform) {
+                    failures.push((reference.to_string(), error));
+                    return None;
+                }
+                drop(failures);
                 self.lookup(reference)?
             }
             None => return None,

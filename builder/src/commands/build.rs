@@ -78,13 +78,13 @@ pub fn run(options: &BuildOptions) -> Status {
             .find(|stage| matches!(&stage.base, Base::Image(base) if base == reference));
         match stage {
             Some(stage) => eprintln!(
-                "error: {display_name}:{}: {}: pulling base image {reference}: {}",
+                "error: {display_name}:{}: {}: base image {reference} is not in the store, and pulling it failed: {}",
                 stage.location.start_line,
                 stage.from_instruction,
                 super::image::chain_text(error)
             ),
             None => eprintln!(
-                "error: pulling base image {reference}: {}",
+                "error: base image {reference} is not in the store, and pulling it failed: {}",
                 super::image::chain_text(error)
             ),
         }

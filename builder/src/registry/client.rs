@@ -204,7 +204,9 @@ impl RegistryError {
     /// failing for a while.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Http { source, .. } => !source.is_builder() && !source.is_redirect(),
+            Self::Http { source, .. } => {
+                !source.is_builder() && !source.is_redirect() && !is_name_resolution(source)
+            }
             Self::Read { .. } => true,
             Self::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
@@ -212,6 +214,19 @@ impl RegistryError {
             _ => false,
         }
     }
+}
+
+/// Whether a request failed because the host name does not resolve: retrying within seconds
+/// does not help, and a build without network should fail at once.
+fn is_name_resolution(error: &reqwest::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    while let Some(current) = cause {
+        if current.to_string().starts_with("dns error") {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// Where a registry is reached.

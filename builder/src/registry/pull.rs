@@ -109,9 +109,10 @@ fn fetch_manifest(
     let mut attempt = 1;
     let (response_type, announced, bytes) = loop {
         let result = client
-            .send_retrying(Method::GET, &url, &action, &[StatusCode::OK], &|request| {
+            .send(Method::GET, &url, &action, &|request| {
                 request.header(header::ACCEPT, ACCEPT)
             })
+            .and_then(|response| client.expect(response, &action, &[StatusCode::OK]))
             .and_then(|response| {
                 let response_type = header_text(&response, header::CONTENT_TYPE);
                 let announced = header_text(
@@ -131,7 +132,11 @@ fn fetch_manifest(
             });
         match result {
             Err(error) if error.is_transient() && attempt < ATTEMPTS => {
-                eprintln!("retrying: {}", chain_text(&error));
+                eprintln!(
+                    "retrying (attempt {}/{ATTEMPTS}): {}",
+                    attempt + 1,
+                    chain_text(&error)
+                );
                 backoff(attempt);
                 attempt += 1;
             }
