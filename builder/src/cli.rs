@@ -26,6 +26,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "RBUILD_ROOT", value_name = "DIR")]
     pub root: Option<PathBuf>,
 
+    /// Reach this registry (HOST[:PORT]) over plain HTTP; loopback registries always are
+    /// (repeatable, or comma-separated)
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        env = "RBUILD_INSECURE_REGISTRIES",
+        value_delimiter = ',',
+        value_name = "HOST"
+    )]
+    pub insecure_registries: Vec<String>,
+
     /// The command to run.
     #[command(subcommand)]
     pub command: CommandLine,
@@ -58,6 +69,29 @@ pub enum CommandLine {
     Verify,
     /// Run a command in a new container from an image of the local store.
     Run(Box<RunArguments>),
+    /// Fetch an image from its registry into the local store.
+    Pull(PullArguments),
+    /// Send an image of the local store to the registry its name points at.
+    Push(PushArguments),
+}
+
+/// `rbuild pull`.
+#[derive(Debug, Args)]
+pub struct PullArguments {
+    /// The platform to pick from a multi-platform image, os/arch[/variant] [default: the host's].
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// The image: NAME[:TAG] or NAME@DIGEST.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+/// `rbuild push`.
+#[derive(Debug, Args)]
+pub struct PushArguments {
+    /// The image name, which says the registry and repository: REGISTRY/NAME[:TAG].
+    #[arg(value_name = "REF")]
+    pub reference: String,
 }
 
 /// `rbuild run`.
@@ -326,7 +360,7 @@ pub enum PlanFormat {
 /// The commands that are not `build`; any other first word means `build`.
 const COMMANDS: &[&str] = &[
     "build", "images", "inspect", "tag", "rmi", "save", "load", "import", "prune", "du", "verify",
-    "run", "help",
+    "run", "pull", "push", "help",
 ];
 
 /// Inserts `build` after the global options when no command is named.
@@ -334,9 +368,9 @@ pub fn with_default_command(arguments: Vec<OsString>) -> Vec<OsString> {
     let mut position = 1;
     while position < arguments.len() {
         let word = arguments[position].to_string_lossy();
-        if word == "--root" {
+        if word == "--root" || word == "--insecure-registry" {
             position += 2;
-        } else if word.starts_with("--root=") {
+        } else if word.starts_with("--root=") || word.starts_with("--insecure-registry=") {
             position += 1;
         } else {
             break;
@@ -361,6 +395,7 @@ pub fn with_default_command(arguments: Vec<OsString>) -> Vec<OsString> {
 /// Parses the process's arguments, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(with_default_command(std::env::args_os().collect()));
+    crate::registry::set_insecure_registries(cli.insecure_registries);
     let status = match cli.command {
         CommandLine::Build(arguments) => match BuildOptions::from_arguments(*arguments, cli.root) {
             Ok(options) => commands::build::run(&options),
@@ -369,6 +404,14 @@ pub fn main() -> ExitCode {
         CommandLine::Run(arguments) => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
             return ExitCode::from(commands::run::run(&root, &arguments));
+        }
+        CommandLine::Pull(arguments) => {
+            let root = cli.root.unwrap_or_else(crate::options::default_root);
+            commands::registry::pull(&root, &arguments)
+        }
+        CommandLine::Push(arguments) => {
+            let root = cli.root.unwrap_or_else(crate::options::default_root);
+            commands::registry::push(&root, &arguments)
         }
         command => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);

@@ -7,7 +7,7 @@
 //!   writes this very layout with `docker save`), with every name in one entry's `RepoTags`.
 //! - `local`: the final filesystem of the target stage, copied into a directory.
 //! - `tar`: the final filesystem as one deterministic tar stream.
-//! - `image`: a name in the local image store; pushing waits for the registry client.
+//! - `image`: a name in the local image store, pushed to its registry with `push=true`.
 //!
 //! The final filesystem is materialized once per build in a scratch directory under the
 //! store's `containers/` (which `rbuild prune` clears): the layers are applied in order with
@@ -78,11 +78,14 @@ pub enum ExportError {
         #[source]
         source: rbuild_cache::reference::ReferenceError,
     },
-    /// Pushing is asked for, but there is no registry client yet.
-    #[error("pushing {name} needs registry support, which rbuild does not have yet (issue 6)")]
+    /// Pushing to the registry failed.
+    #[error("pushing {name}")]
     Push {
         /// The image name.
         name: String,
+        /// The cause.
+        #[source]
+        source: Box<crate::registry::RegistryError>,
     },
     /// A filesystem operation failed.
     #[error("{action} {path}")]
@@ -131,12 +134,6 @@ pub fn check(outputs: &[Output]) -> Result<(), String> {
     }
     for output in outputs {
         match output {
-            Output::Image { name, push: true } => {
-                return Err(format!(
-                    "--output type=image,name={name},push=true: {}",
-                    ExportError::Push { name: name.clone() }
-                ));
-            }
             Output::Local { dest } => {
                 if dest.exists() && !dest.is_dir() {
                     return Err(format!(
@@ -211,10 +208,16 @@ impl<'a> Exporter<'a> {
                 copy_tree(&tree, &options, dest)
             }
             Output::Image { name, push } => {
+                let reference = parse_name(name)?;
+                self.store.set_tag(&reference, &self.image.target)?;
                 if *push {
-                    return Err(ExportError::Push { name: name.clone() });
+                    crate::registry::push(self.store, &self.image, &reference).map_err(
+                        |source| ExportError::Push {
+                            name: name.clone(),
+                            source: Box::new(source),
+                        },
+                    )?;
                 }
-                self.store.set_tag(&parse_name(name)?, &self.image.target)?;
                 Ok(())
             }
         }

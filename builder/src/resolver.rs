@@ -1,32 +1,58 @@
 //! Base images for the planner: the frontend asks through its `ImageResolver` seam, and this
-//! answers from the local image store (the registry comes with its issue).
+//! answers from the local image store, pulling an image the store lacks from its registry
+//! when asked to (a build; never a dry run).
+
+use std::sync::Mutex;
 
 use rbuild_cache::{Image, Reference, Store};
 use rbuild_frontend::Platform;
 use rbuild_frontend::graph::{BaseImageConfig, ImageResolver};
 
+use crate::registry::RegistryError;
+
 /// Resolves base images from a store, when there is one.
 pub struct StoreImages<'a> {
     store: Option<&'a Store>,
+    pull: bool,
+    pull_failures: Mutex<Vec<(String, RegistryError)>>,
 }
 
 impl<'a> StoreImages<'a> {
     /// Resolves from `store`; with none, nothing resolves.
     pub fn new(store: Option<&'a Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            pull: false,
+            pull_failures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Resolves from `store`, pulling what it lacks from the registry.
+    pub fn pulling(store: &'a Store) -> Self {
+        Self {
+            pull: true,
+            ..Self::new(Some(store))
+        }
+    }
+
+    /// The pulls that failed: (reference as written, why).
+    pub fn take_pull_failures(&self) -> Vec<(String, RegistryError)> {
+        std::mem::take(&mut *self.pull_failures.lock().expect("not poisoned"))
     }
 
     /// The image `reference` names in the store.
     pub fn lookup(&self, reference: &str) -> Option<Image> {
         let store = self.store?;
         let reference = Reference::parse(reference).ok()?;
-        let record = match reference.digest() {
-            Some(_) => store
+        // A pull by digest names the image by that digest even when it is an index's.
+        let record = match store.record(&reference).ok()? {
+            Some(record) => record,
+            None if reference.digest().is_some() => store
                 .find(&reference.to_string())
                 .ok()?
                 .into_iter()
                 .next()?,
-            None => store.record(&reference).ok()??,
+            None => return None,
         };
         store.image(&record.target).ok()
     }
@@ -34,7 +60,25 @@ impl<'a> StoreImages<'a> {
 
 impl ImageResolver for StoreImages<'_> {
     fn resolve(&self, reference: &str, platform: &Platform) -> Option<BaseImageConfig> {
-        let image = self.lookup(reference)?;
+        let image = match self.lookup(reference) {
+            Some(image) => image,
+            None if self.pull => {
+                let store = self.store?;
+                let parsed = Reference::parse(reference).ok()?;
+                let mut failures = self.pull_failures.lock().expect("not poisoned");
+                // Several stages may name the same image: one failed pull is enough.
+                if failures.iter().any(|(failed, _)| failed == reference) {
+                    return None;
+                }
+                if let Err(error) = crate::registry::pull(store, &parsed, platform) {
+                    failures.push((reference.to_string(), error));
+                    return None;
+                }
+                drop(failures);
+                self.lookup(reference)?
+            }
+            None => return None,
+        };
         let config: serde_json::Value = serde_json::from_slice(&image.config_bytes).ok()?;
         if config["os"].as_str().is_some_and(|os| os != platform.os)
             || config["architecture"]

@@ -358,10 +358,6 @@ fn bad_output_specs_exit_2_before_building() {
         ("type=local,dest=-".to_string(), "standard output"),
         ("type=oci,dest=x,name=Not/Valid".to_string(), "lower-case"),
         (
-            "type=image,name=app:v1,push=true".to_string(),
-            "registry support",
-        ),
-        (
             format!("type=oci,dest={}", existing.display()),
             "is a directory",
         ),

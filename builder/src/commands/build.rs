@@ -58,7 +58,11 @@ pub fn run(options: &BuildOptions) -> Status {
     } else {
         None
     };
-    let images = StoreImages::new(store.as_deref());
+    // A build pulls a base image the store lacks; a dry run fetches nothing.
+    let images = match (&store, options.dry_run) {
+        (Some(store), false) => StoreImages::pulling(store),
+        _ => StoreImages::new(store.as_deref()),
+    };
     let graph = match rbuild_frontend::plan(&text, &plan_options, &images) {
         Ok(graph) => graph,
         Err(error) => {
@@ -66,6 +70,28 @@ pub fn run(options: &BuildOptions) -> Status {
             return Status::Failure;
         }
     };
+    let pull_failures = images.take_pull_failures();
+    for (reference, error) in &pull_failures {
+        let stage = graph
+            .stages
+            .iter()
+            .find(|stage| matches!(&stage.base, Base::Image(base) if base == reference));
+        match stage {
+            Some(stage) => eprintln!(
+                "error: {display_name}:{}: {}: base image {reference} is not in the store, and pulling it failed: {}",
+                stage.location.start_line,
+                stage.from_instruction,
+                super::image::chain_text(error)
+            ),
+            None => eprintln!(
+                "error: base image {reference} is not in the store, and pulling it failed: {}",
+                super::image::chain_text(error)
+            ),
+        }
+    }
+    if !pull_failures.is_empty() {
+        return Status::Failure;
+    }
     for warning in &graph.warnings {
         eprintln!("warning: {warning}");
     }

@@ -20,8 +20,11 @@ pub fn run(root: &Path, command: CommandLine) -> Status {
         Err(error) => return fail(&error),
     };
     match command {
-        CommandLine::Build(_) | CommandLine::Run(_) => {
-            unreachable!("build and run have their own modules")
+        CommandLine::Build(_)
+        | CommandLine::Run(_)
+        | CommandLine::Pull(_)
+        | CommandLine::Push(_) => {
+            unreachable!("build, run, pull and push have their own modules")
         }
         CommandLine::Images(arguments) => images(&store, arguments.quiet, arguments.format),
         CommandLine::Inspect(arguments) => inspect(&store, &arguments.images),

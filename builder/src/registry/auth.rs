@@ -3,14 +3,55 @@
 //!
 //! The seam the distribution client uses: an [`Authenticator`] per registry host gives the
 //! `Authorization` header to send for a scope, and answers a 401 with a new one.
+//!
+//! Bearer tokens follow distribution's token protocol
+//! (<https://distribution.github.io/distribution/spec/auth/token/>): a GET on the realm the
+//! registry announced, with `service` and `scope`, and Basic credentials when there are some; an
+//! identity token (a refresh token) goes to the same realm as an OAuth2 `refresh_token` grant
+//! (<https://distribution.github.io/distribution/spec/auth/oauth/>).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+/// The user name that marks [`Credentials::password`] as an identity token, as Docker's
+/// credential helpers do.
+pub const IDENTITY_TOKEN_USERNAME: &str = "<token>";
+
+/// The key Docker's config uses for Docker Hub.
+pub const DOCKER_HUB_CONFIG_KEY: &str = "https://index.docker.io/v1/";
+
+/// How long a token lives when the token server does not say (the spec's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 /// A user name and password (or identity token) for one registry.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
-    /// The user name.
+    /// The user name ([`IDENTITY_TOKEN_USERNAME`] when `password` is an identity token).
     pub username: String,
     /// The password or token.
     pub password: String,
+}
+
+impl Credentials {
+    /// Whether these are an identity token (an OAuth2 refresh token) rather than a password.
+    pub fn is_identity_token(&self) -> bool {
+        self.username == IDENTITY_TOKEN_USERNAME
+    }
+
+    fn basic_header(&self) -> String {
+        format!(
+            "Basic {}",
+            STANDARD.encode(format!("{}:{}", self.username, self.password))
+        )
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -34,13 +75,309 @@ pub enum AuthError {
         /// The `WWW-Authenticate` value.
         challenge: String,
     },
+    /// A Bearer challenge without a usable `realm`.
+    #[error("registry {host} sent a Bearer challenge without a usable realm: {challenge}")]
+    InvalidRealm {
+        /// The registry host.
+        host: String,
+        /// The `WWW-Authenticate` value.
+        challenge: String,
+    },
+    /// Basic authentication with no credentials to give.
+    #[error("registry {host} needs credentials: run `rbuild login {host}`")]
+    CredentialsNeeded {
+        /// The registry host.
+        host: String,
+    },
+    /// The token server refused the credentials (or anonymous access).
+    #[error("registry {host} refused {who}: the token server {realm} answered {status}")]
+    Refused {
+        /// The registry host.
+        host: String,
+        /// `the credentials of USER` or `anonymous access`.
+        who: String,
+        /// The token server's URL.
+        realm: String,
+        /// Its HTTP status.
+        status: reqwest::StatusCode,
+    },
+    /// The token server failed otherwise.
+    #[error("token server {realm} answered {status}")]
+    TokenStatus {
+        /// The token server's URL.
+        realm: String,
+        /// Its HTTP status.
+        status: reqwest::StatusCode,
+    },
+    /// The token request did not complete.
+    #[error("cannot reach the token server {realm}")]
+    TokenRequest {
+        /// The token server's URL.
+        realm: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The token server's answer is not the JSON the spec describes.
+    #[error("the token server {realm} answered with something that is not a token")]
+    TokenBody {
+        /// The token server's URL.
+        realm: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The token server answered from elsewhere than the realm (a redirect was followed).
+    #[error(
+        "the token server {realm} redirected to {location}; rbuild does not follow it with credentials"
+    )]
+    Redirected {
+        /// The token server's URL.
+        realm: String,
+        /// Where the answer came from.
+        location: String,
+    },
+    /// Neither `DOCKER_CONFIG` nor `HOME` is set.
+    #[error("cannot find the Docker config: neither DOCKER_CONFIG nor HOME is set")]
+    NoConfigDirectory,
+    /// The Docker config cannot be read or written.
+    #[error("cannot {action} the Docker config {path}")]
+    ConfigIo {
+        /// `read`, `write`, ...
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Docker config is not JSON.
+    #[error("the Docker config {path} is not valid JSON")]
+    ConfigSyntax {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The Docker config is JSON of the wrong shape.
+    #[error("the Docker config {path}: {key}: {problem}")]
+    ConfigEntry {
+        /// The file.
+        path: PathBuf,
+        /// The JSON key at fault (`auths` or `auths.HOST`).
+        key: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }
 
-/// Authorization for one registry host (`127.0.0.1:5000`, `docker.io`, ...).
+// --- challenges ---
+
+/// One challenge of a `WWW-Authenticate` header (RFC 7235 section 4.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// The scheme, lower-case (`basic`, `bearer`).
+    pub scheme: String,
+    /// The parameters in order, names lower-case, quoted values unquoted.
+    pub parameters: Vec<(String, String)>,
+}
+
+impl Challenge {
+    /// The value of parameter `name` (lower-case), if present.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+fn is_token_character(character: char) -> bool {
+    character.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(character)
+}
+
+/// Splits the leading token off `text`.
+fn take_token(text: &str) -> (&str, &str) {
+    let end = text
+        .find(|character| !is_token_character(character))
+        .unwrap_or(text.len());
+    text.split_at(end)
+}
+
+/// A quoted-string (`text` starts after the opening quote) and what follows its closing quote.
+fn take_quoted(text: &str) -> (String, &str) {
+    let mut value = String::new();
+    let mut characters = text.char_indices();
+    while let Some((index, character)) = characters.next() {
+        match character {
+            '"' => return (value, &text[index + 1..]),
+            '\\' => {
+                if let Some((_, escaped)) = characters.next() {
+                    value.push(escaped);
+                }
+            }
+            other => value.push(other),
+        }
+    }
+    // No closing quote: take the rest, as lenient clients do.
+    (value, "")
+}
+
+/// Parses a `WWW-Authenticate` value into its challenges: `Bearer realm="https://a/token",
+/// service="a", scope="repository:x:pull,push", Basic realm="b"` gives two. Values may be quoted
+/// (commas inside quotes are part of the value) or bare tokens.
+pub fn parse_challenges(value: &str) -> Vec<Challenge> {
+    let mut challenges = Vec::new();
+    let mut rest = value;
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        let (scheme, after_scheme) = take_token(rest);
+        if scheme.is_empty() {
+            break;
+        }
+        rest = after_scheme;
+        let mut challenge = Challenge {
+            scheme: scheme.to_ascii_lowercase(),
+            parameters: Vec::new(),
+        };
+        loop {
+            let candidate = rest.trim_start_matches([' ', '\t', ',']);
+            let (name, after_name) = take_token(candidate);
+            let after_name = after_name.trim_start_matches([' ', '\t']);
+            let Some(after_equals) = after_name.strip_prefix('=') else {
+                // Not `name=`: the next challenge's scheme (or the end).
+                rest = candidate;
+                break;
+            };
+            if name.is_empty() {
+                // A token68 or garbage: skip to the next comma.
+                rest = after_equals
+                    .find(',')
+                    .map_or("", |comma| &after_equals[comma..]);
+                continue;
+            }
+            let after_equals = after_equals.trim_start_matches([' ', '\t']);
+            let (parameter, after_value) = match after_equals.strip_prefix('"') {
+                Some(quoted) => take_quoted(quoted),
+                None => {
+                    let (bare, after_bare) = take_token(after_equals);
+                    (bare.to_string(), after_bare)
+                }
+            };
+            challenge
+                .parameters
+                .push((name.to_ascii_lowercase(), parameter));
+            rest = after_value;
+        }
+        challenges.push(challenge);
+    }
+    challenges
+}
+
+// --- hosts ---
+
+/// Whether `host` (`localhost:5000`, `127.0.0.1`, `[::1]:5000`) is a loopback address, to which
+/// plain HTTP is used and credentials may go without TLS, as Docker does.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(bracketed) = host.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or("")
+    } else if host.matches(':').count() > 1 {
+        host // a bare IPv6 address
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
+/// The registry a server name means, as a lower-case host: `https://index.docker.io/v1/`,
+/// `index.docker.io` and `registry-1.docker.io` are all `docker.io`; a scheme and a path are
+/// dropped.
+pub fn normalize_server(server: &str) -> String {
+    let without_scheme = server
+        .strip_prefix("https://")
+        .or_else(|| server.strip_prefix("http://"))
+        .unwrap_or(server);
+    let host = without_scheme
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_string()
+        }
+        _ => host,
+    }
+}
+
+/// The `auths` key Docker writes for a server: Docker Hub's historic URL, else the host.
+pub fn config_key(server: &str) -> String {
+    let host = normalize_server(server);
+    if host == "docker.io" {
+        DOCKER_HUB_CONFIG_KEY.to_string()
+    } else {
+        host
+    }
+}
+
+// --- the authenticator ---
+
+#[derive(Debug)]
+struct CachedToken {
+    header: String,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The registry answered with a Basic challenge: send the credentials with every request.
+    basic: bool,
+    /// Bearer headers by scope.
+    tokens: HashMap<String, CachedToken>,
+}
+
+/// Authorization for one registry host (`127.0.0.1:5000`, `docker.io`, ...). Shared by the
+/// threads of one pull or push: the tokens are cached per scope behind a mutex.
 #[derive(Debug)]
 pub struct Authenticator {
     host: String,
     credentials: Option<Credentials>,
+    state: Mutex<State>,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// Whether a token for `cached` (`repository:NAME:pull,push`) also serves `wanted`
+/// (`repository:NAME:pull`): the same resource, and every wanted action granted.
+fn scope_covers(cached: &str, wanted: &str) -> bool {
+    if cached == wanted {
+        return true;
+    }
+    let split = |scope: &str| {
+        scope
+            .rsplit_once(':')
+            .map(|(resource, actions)| (resource.to_string(), actions.to_string()))
+    };
+    let (Some((cached_resource, cached_actions)), Some((wanted_resource, wanted_actions))) =
+        (split(cached), split(wanted))
+    else {
+        return false;
+    };
+    cached_resource == wanted_resource
+        && wanted_actions.split(',').all(|action| {
+            cached_actions
+                .split(',')
+                .any(|granted| granted == action || granted == "*")
+        })
 }
 
 impl Authenticator {
@@ -49,34 +386,822 @@ impl Authenticator {
         Self {
             host: host.to_string(),
             credentials,
+            state: Mutex::new(State::default()),
         }
+    }
+
+    /// The registry host this is for.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether there are credentials to offer.
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a usable map: recover it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The `Authorization` header value to send for `scope` (`repository:NAME:pull` or
     /// `repository:NAME:pull,push`), when one is already known (a cached token).
-    pub fn header(&self, _scope: &str) -> Option<String> {
-        None
+    pub fn header(&self, scope: &str) -> Option<String> {
+        let state = self.state();
+        if state.basic {
+            return self.credentials.as_ref().map(Credentials::basic_header);
+        }
+        let now = Instant::now();
+        if let Some(token) = state.tokens.get(scope)
+            && token.expires > now
+        {
+            return Some(token.header.clone());
+        }
+        state
+            .tokens
+            .iter()
+            .find(|(cached, token)| token.expires > now && scope_covers(cached, scope))
+            .map(|(_, token)| token.header.clone())
     }
 
     /// Answers a 401: `challenge` is the response's `WWW-Authenticate` value. Returns the
     /// `Authorization` header value to retry with, fetching a token when the challenge is
-    /// Bearer.
+    /// Bearer. An empty `scope` takes the challenge's own (none for `GET /v2/`).
     pub fn answer(
         &self,
-        _http: &reqwest::blocking::Client,
+        http: &reqwest::blocking::Client,
         challenge: &str,
-        _scope: &str,
+        scope: &str,
     ) -> Result<String, AuthError> {
-        let _ = &self.credentials;
-        Err(AuthError::Unsupported {
+        let challenges = parse_challenges(challenge);
+        let unsupported = || AuthError::Unsupported {
             host: self.host.clone(),
             challenge: challenge.to_string(),
+        };
+        if let Some(bearer) = challenges.iter().find(|each| each.scheme == "bearer") {
+            let scope = if scope.is_empty() {
+                bearer.parameter("scope").unwrap_or("")
+            } else {
+                scope
+            };
+            let realm = bearer
+                .parameter("realm")
+                .and_then(|realm| reqwest::Url::parse(realm).ok())
+                .filter(|realm| matches!(realm.scheme(), "http" | "https"))
+                .ok_or_else(|| AuthError::InvalidRealm {
+                    host: self.host.clone(),
+                    challenge: challenge.to_string(),
+                })?;
+            let (header, lifetime) =
+                self.fetch_token(http, realm, bearer.parameter("service"), scope)?;
+            self.state().tokens.insert(
+                scope.to_string(),
+                CachedToken {
+                    header: header.clone(),
+                    // Expire a little early so a token is not sent as it runs out.
+                    expires: Instant::now() + lifetime.mul_f64(0.9),
+                },
+            );
+            return Ok(header);
+        }
+        if challenges.iter().any(|each| each.scheme == "basic") {
+            let credentials = self
+                .credentials
+                .as_ref()
+                .filter(|credentials| !credentials.is_identity_token())
+                .ok_or_else(|| AuthError::CredentialsNeeded {
+                    host: self.host.clone(),
+                })?;
+            self.state().basic = true;
+            return Ok(credentials.basic_header());
+        }
+        Err(unsupported())
+    }
+
+    /// A token from the realm: `(Authorization header, lifetime)`.
+    fn fetch_token(
+        &self,
+        http: &reqwest::blocking::Client,
+        mut realm: reqwest::Url,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration), AuthError> {
+        let realm_text = realm.to_string();
+        // Credentials go only to a realm reached over TLS, or on this machine; elsewhere rbuild
+        // asks anonymously rather than send a password in clear text.
+        let secure = realm.scheme() == "https"
+            || realm
+                .host_str()
+                .is_some_and(|host| is_loopback_host(&host.replace(['[', ']'], "")));
+        let credentials = self.credentials.as_ref().filter(|_| secure);
+        let request = match credentials {
+            Some(credentials) if credentials.is_identity_token() => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", credentials.password.as_str()),
+                    ("client_id", "rbuild"),
+                ];
+                if let Some(service) = service {
+                    form.push(("service", service));
+                }
+                if !scope.is_empty() {
+                    form.push(("scope", scope));
+                }
+                let body = form
+                    .iter()
+                    .map(|(name, value)| format!("{name}={}", form_encode(value)))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                http.post(realm.clone())
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body)
+            }
+            _ => {
+                {
+                    let mut query = realm.query_pairs_mut();
+                    if let Some(service) = service {
+                        query.append_pair("service", service);
+                    }
+                    if !scope.is_empty() {
+                        query.append_pair("scope", scope);
+                    }
+                }
+                let request = http.get(realm.clone());
+                match credentials {
+                    Some(credentials) => {
+                        request.header(reqwest::header::AUTHORIZATION, credentials.basic_header())
+                    }
+                    None => request,
+                }
+            }
+        };
+        let response = request.send().map_err(|source| AuthError::TokenRequest {
+            realm: realm_text.clone(),
+            source,
+        })?;
+        if credentials.is_some() && response.url().origin() != realm.origin() {
+            // reqwest drops the Authorization header on a redirect to another origin, so the
+            // credentials did not leave; a token from elsewhere is not trusted either.
+            return Err(AuthError::Redirected {
+                realm: realm_text,
+                location: response.url().to_string(),
+            });
+        }
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(AuthError::Refused {
+                host: self.host.clone(),
+                who: match credentials {
+                    Some(credentials) if credentials.is_identity_token() => {
+                        "the identity token".to_string()
+                    }
+                    Some(credentials) => format!("the credentials of {}", credentials.username),
+                    None => "anonymous access".to_string(),
+                },
+                realm: realm_text,
+                status,
+            });
+        }
+        if !status.is_success() {
+            return Err(AuthError::TokenStatus {
+                realm: realm_text,
+                status,
+            });
+        }
+        let body = response.bytes().map_err(|source| AuthError::TokenRequest {
+            realm: realm_text.clone(),
+            source,
+        })?;
+        let token: TokenResponse =
+            serde_json::from_slice(&body).map_err(|source| AuthError::TokenBody {
+                realm: realm_text.clone(),
+                source,
+            })?;
+        let lifetime = token
+            .expires_in
+            .filter(|seconds| *seconds > 0)
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let value = token
+            .token
+            .filter(|token| !token.is_empty())
+            .or(token.access_token.filter(|token| !token.is_empty()))
+            .ok_or_else(|| AuthError::TokenBody {
+                realm: realm_text,
+                source: <serde_json::Error as serde::de::Error>::missing_field("token"),
+            })?;
+        Ok((format!("Bearer {value}"), lifetime))
+    }
+}
+
+/// `application/x-www-form-urlencoded` for one value.
+fn form_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
         })
+        .collect()
+}
+
+// --- the Docker config ---
+
+/// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`.
+pub fn docker_config_path() -> Result<PathBuf, AuthError> {
+    if let Some(directory) = std::env::var_os("DOCKER_CONFIG").filter(|value| !value.is_empty()) {
+        return Ok(PathBuf::from(directory).join("config.json"));
+    }
+    std::env::var_os("HOME")
+        .filter(|value| !value.is_empty())
+        .map(|home| PathBuf::from(home).join(".docker").join("config.json"))
+        .ok_or(AuthError::NoConfigDirectory)
+}
+
+/// The config file as a JSON object (empty when the file does not exist).
+fn read_config(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, AuthError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(serde_json::Map::new());
+        }
+        Err(source) => {
+            return Err(AuthError::ConfigIo {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Object(object)) => Ok(object),
+        Ok(_) => Err(AuthError::ConfigEntry {
+            path: path.to_path_buf(),
+            key: "(top level)".to_string(),
+            problem: "is not a JSON object",
+        }),
+        Err(source) => Err(AuthError::ConfigSyntax {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The `auths` object of a config, if any.
+fn auths<'config>(
+    config: &'config serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+) -> Result<Option<&'config serde_json::Map<String, serde_json::Value>>, AuthError> {
+    match config.get("auths") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Object(auths)) => Ok(Some(auths)),
+        Some(_) => Err(AuthError::ConfigEntry {
+            path: path.to_path_buf(),
+            key: "auths".to_string(),
+            problem: "is not a JSON object",
+        }),
+    }
+}
+
+/// The credentials of one `auths` entry: `identitytoken`, else base64 `auth` (`user:password`),
+/// else `username` and `password`; none for an empty entry (one a credential helper keeps).
+fn entry_credentials(
+    entry: &serde_json::Value,
+    path: &Path,
+    key: &str,
+) -> Result<Option<Credentials>, AuthError> {
+    let problem = |problem| AuthError::ConfigEntry {
+        path: path.to_path_buf(),
+        key: format!("auths.{key}"),
+        problem,
+    };
+    let serde_json::Value::Object(entry) = entry else {
+        return Err(problem("is not a JSON object"));
+    };
+    let text = |name: &str| -> Result<Option<&str>, AuthError> {
+        match entry.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(value)) if value.is_empty() => Ok(None),
+            Some(serde_json::Value::String(value)) => Ok(Some(value)),
+            Some(_) => Err(problem("has a field that is not a string")),
+        }
+    };
+    if let Some(token) = text("identitytoken")? {
+        return Ok(Some(Credentials {
+            username: IDENTITY_TOKEN_USERNAME.to_string(),
+            password: token.to_string(),
+        }));
+    }
+    if let Some(auth) = text("auth")? {
+        let decoded = STANDARD
+            .decode(auth.trim())
+            .map_err(|_| problem("auth is not base64"))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| problem("auth is not UTF-8"))?;
+        let (username, password) = decoded
+            .split_once(':')
+            .ok_or_else(|| problem("auth is not base64 of user:password"))?;
+        return Ok(Some(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        }));
+    }
+    match (text("username")?, text("password")?) {
+        (Some(username), Some(password)) => Ok(Some(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        })),
+        _ => Ok(None),
     }
 }
 
 /// The credentials the Docker config (`$DOCKER_CONFIG/config.json`, else
-/// `~/.docker/config.json`) holds for `host`, if any.
-pub fn credentials_for(_host: &str) -> Result<Option<Credentials>, AuthError> {
-    Ok(None)
+/// `~/.docker/config.json`) holds for `host`, if any. Entries are keyed by host
+/// (`127.0.0.1:5000`) or by URL (`https://index.docker.io/v1/` for docker.io). Credential helpers
+/// (`credsStore`, `credHelpers`) are not run: a host they keep has no credentials here.
+pub fn credentials_for(host: &str) -> Result<Option<Credentials>, AuthError> {
+    credentials_in(&docker_config_path()?, host)
+}
+
+/// [`credentials_for`] in the config file at `path`.
+pub fn credentials_in(path: &Path, host: &str) -> Result<Option<Credentials>, AuthError> {
+    let config = read_config(path)?;
+    let Some(auths) = auths(&config, path)? else {
+        return Ok(None);
+    };
+    let wanted = normalize_server(host);
+    // An exact key first, then any key naming the same registry.
+    let entry = auths.get_key_value(host).or_else(|| {
+        auths
+            .iter()
+            .find(|(key, _)| normalize_server(key) == wanted)
+    });
+    match entry {
+        Some((key, entry)) => entry_credentials(entry, path, key),
+        None => Ok(None),
+    }
+}
+
+/// Writes `credentials` for `server` into the config at `path` (`auths.KEY.auth`), keeping every
+/// other key of the file; replaces other keys naming the same registry. Temp file, fsync,
+/// rename; the file is 0600 and a new directory 0700.
+pub fn store_credentials(
+    path: &Path,
+    server: &str,
+    credentials: &Credentials,
+) -> Result<(), AuthError> {
+    let mut config = read_config(path)?;
+    auths(&config, path)?;
+    let wanted = normalize_server(server);
+    let auths = config
+        .entry("auths")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    if auths.is_null() {
+        *auths = serde_json::Value::Object(serde_json::Map::new());
+    }
+    let serde_json::Value::Object(auths) = auths else {
+        unreachable!("checked above: auths is an object or absent");
+    };
+    auths.retain(|key, _| normalize_server(key) != wanted);
+    auths.insert(
+        config_key(server),
+        serde_json::json!({
+            "auth": STANDARD.encode(format!("{}:{}", credentials.username, credentials.password))
+        }),
+    );
+    write_config(path, &config)
+}
+
+/// Removes every `auths` entry naming `server` from the config at `path`; returns whether there
+/// was one.
+pub fn remove_credentials(path: &Path, server: &str) -> Result<bool, AuthError> {
+    let mut config = read_config(path)?;
+    let wanted = normalize_server(server);
+    let removed = match config.get_mut("auths") {
+        Some(serde_json::Value::Object(auths)) => {
+            let before = auths.len();
+            auths.retain(|key, _| normalize_server(key) != wanted);
+            auths.len() != before
+        }
+        None | Some(serde_json::Value::Null) => false,
+        Some(_) => {
+            return Err(AuthError::ConfigEntry {
+                path: path.to_path_buf(),
+                key: "auths".to_string(),
+                problem: "is not a JSON object",
+            });
+        }
+    };
+    if removed {
+        write_config(path, &config)?;
+    }
+    Ok(removed)
+}
+
+fn write_config(
+    path: &Path,
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), AuthError> {
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AuthError::ConfigIo {
+            action,
+            path,
+            source,
+        }
+    };
+    let directory = path.parent().unwrap_or(Path::new("."));
+    if !directory.exists() {
+        fs::create_dir_all(directory).map_err(io("create the directory of", path))?;
+        fs::set_permissions(directory, fs::Permissions::from_mode(0o700))
+            .map_err(io("set the mode of the directory of", path))?;
+    }
+    let mut bytes =
+        serde_json::to_vec_pretty(config).map_err(|source| AuthError::ConfigSyntax {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    bytes.push(b'\n');
+    let temp = directory.join(format!(".config.json.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io("write", &temp))?;
+        // The mode given at creation is masked by the umask; make sure it is 0600.
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io("write", &temp))?;
+        file.write_all(&bytes).map_err(io("write", &temp))?;
+        file.sync_all().map_err(io("fsync", &temp))?;
+        fs::rename(&temp, path).map_err(io("replace", path))?;
+        fs::File::open(directory)
+            .and_then(|directory| directory.sync_all())
+            .map_err(io("fsync the directory of", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn challenge(scheme: &str, parameters: &[(&str, &str)]) -> Challenge {
+        Challenge {
+            scheme: scheme.to_string(),
+            parameters: parameters
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bearer_challenge_with_a_comma_inside_a_quoted_scope() {
+        assert_eq!(
+            parse_challenges(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull,push""#
+            ),
+            vec![challenge(
+                "bearer",
+                &[
+                    ("realm", "https://auth.docker.io/token"),
+                    ("service", "registry.docker.io"),
+                    ("scope", "repository:library/busybox:pull,push"),
+                ]
+            )]
+        );
+    }
+
+    #[test]
+    fn several_challenges_spaces_bare_values_and_escapes() {
+        assert_eq!(
+            parse_challenges(
+                r#"Newauth realm="apps", type=1, title="Login to \"apps\"", Basic realm="simple" ,  bearer Realm = "http://127.0.0.1:1/token""#
+            ),
+            vec![
+                challenge(
+                    "newauth",
+                    &[
+                        ("realm", "apps"),
+                        ("type", "1"),
+                        ("title", r#"Login to "apps""#)
+                    ]
+                ),
+                challenge("basic", &[("realm", "simple")]),
+                challenge("bearer", &[("realm", "http://127.0.0.1:1/token")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_scheme_without_parameters_and_garbage() {
+        assert_eq!(
+            parse_challenges("Negotiate, Basic"),
+            vec![challenge("negotiate", &[]), challenge("basic", &[])]
+        );
+        assert_eq!(parse_challenges(""), vec![]);
+        assert_eq!(parse_challenges("  ,  "), vec![]);
+        assert_eq!(
+            parse_challenges(r#"Bearer realm="unterminated"#),
+            vec![challenge("bearer", &[("realm", "unterminated")])]
+        );
+    }
+
+    #[test]
+    fn basic_challenge_answers_with_the_credentials_and_then_always() {
+        let authenticator = Authenticator::new(
+            "127.0.0.1:5000",
+            Some(Credentials {
+                username: "user".to_string(),
+                password: "pa:ss".to_string(),
+            }),
+        );
+        assert_eq!(authenticator.header("repository:x:pull"), None);
+        let http = reqwest::blocking::Client::new();
+        let header = authenticator
+            .answer(
+                &http,
+                r#"Basic realm="Registry Realm""#,
+                "repository:x:pull",
+            )
+            .unwrap();
+        assert_eq!(header, format!("Basic {}", STANDARD.encode("user:pa:ss")));
+        assert_eq!(
+            authenticator.header("repository:y:push").as_deref(),
+            Some(header.as_str())
+        );
+    }
+
+    #[test]
+    fn basic_challenge_without_credentials_says_to_log_in() {
+        let authenticator = Authenticator::new("registry.example", None);
+        let http = reqwest::blocking::Client::new();
+        let error = authenticator
+            .answer(&http, r#"Basic realm="x""#, "")
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "registry registry.example needs credentials: run `rbuild login registry.example`"
+        );
+    }
+
+    #[test]
+    fn unknown_schemes_and_bad_realms_are_errors() {
+        let authenticator = Authenticator::new("registry.example", None);
+        let http = reqwest::blocking::Client::new();
+        assert!(matches!(
+            authenticator.answer(&http, "Negotiate abc", ""),
+            Err(AuthError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            authenticator.answer(&http, r#"Bearer realm="file:///etc/passwd""#, ""),
+            Err(AuthError::InvalidRealm { .. })
+        ));
+        assert!(matches!(
+            authenticator.answer(&http, r#"Bearer service="x""#, ""),
+            Err(AuthError::InvalidRealm { .. })
+        ));
+    }
+
+    #[test]
+    fn a_push_token_serves_pulls_of_the_same_repository_only() {
+        assert!(scope_covers(
+            "repository:a/b:pull,push",
+            "repository:a/b:pull"
+        ));
+        assert!(scope_covers("repository:a/b:*", "repository:a/b:push"));
+        assert!(!scope_covers(
+            "repository:a/b:pull",
+            "repository:a/b:pull,push"
+        ));
+        assert!(!scope_covers(
+            "repository:a/c:pull,push",
+            "repository:a/b:pull"
+        ));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.3.4.5:80",
+            "[::1]:5000",
+            "::1",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "docker.io",
+            "10.0.0.1:5000",
+            "localhost.example.com",
+            "[::2]:1",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn server_names() {
+        for server in [
+            "docker.io",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "https://index.docker.io/v1/",
+        ] {
+            assert_eq!(normalize_server(server), "docker.io");
+            assert_eq!(config_key(server), DOCKER_HUB_CONFIG_KEY);
+        }
+        assert_eq!(
+            normalize_server("http://Registry.Example:5000/v2/"),
+            "registry.example:5000"
+        );
+        assert_eq!(config_key("127.0.0.1:5000"), "127.0.0.1:5000");
+    }
+
+    struct Directory(PathBuf);
+
+    impl Directory {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("rbuild-auth-unit-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Directory {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(directory: &Directory, text: &str) -> PathBuf {
+        let path = directory.0.join("config.json");
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn config_entries_by_host_by_url_by_fields_and_by_identity_token() {
+        let directory = Directory::new("entries");
+        let path = config(
+            &directory,
+            &serde_json::json!({
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": STANDARD.encode("hub:secret")},
+                    "127.0.0.1:5000": {"auth": STANDARD.encode("local:pa:ss")},
+                    "https://other.example/v2/": {"username": "u", "password": "p"},
+                    "token.example": {"auth": "", "identitytoken": "refresh-me"},
+                    "helper.example": {},
+                },
+                "credsStore": "desktop",
+            })
+            .to_string(),
+        );
+        let credentials = |host| credentials_in(&path, host).unwrap();
+        let pair = |username: &str, password: &str| {
+            Some(Credentials {
+                username: username.to_string(),
+                password: password.to_string(),
+            })
+        };
+        assert_eq!(credentials("docker.io"), pair("hub", "secret"));
+        assert_eq!(credentials("registry-1.docker.io"), pair("hub", "secret"));
+        assert_eq!(credentials("127.0.0.1:5000"), pair("local", "pa:ss"));
+        assert_eq!(credentials("other.example"), pair("u", "p"));
+        let token = credentials("token.example").unwrap();
+        assert!(token.is_identity_token());
+        assert_eq!(token.password, "refresh-me");
+        assert_eq!(credentials("helper.example"), None);
+        assert_eq!(credentials("127.0.0.1:5001"), None);
+    }
+
+    #[test]
+    fn a_missing_or_empty_config_has_no_credentials() {
+        let directory = Directory::new("missing");
+        assert_eq!(
+            credentials_in(&directory.0.join("config.json"), "docker.io").unwrap(),
+            None
+        );
+        let path = config(&directory, "");
+        assert_eq!(credentials_in(&path, "docker.io").unwrap(), None);
+        let path = config(&directory, r#"{"auths": null, "other": 1}"#);
+        assert_eq!(credentials_in(&path, "docker.io").unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_configs_name_the_file_and_the_key() {
+        let directory = Directory::new("malformed");
+        let path = config(&directory, "{not json");
+        let error = credentials_in(&path, "docker.io").unwrap_err();
+        assert!(matches!(error, AuthError::ConfigSyntax { .. }), "{error}");
+        assert!(error.to_string().contains(&path.display().to_string()));
+
+        let path = config(&directory, r#"{"auths": []}"#);
+        let error = credentials_in(&path, "docker.io").unwrap_err().to_string();
+        assert!(error.ends_with("auths: is not a JSON object"), "{error}");
+
+        let path = config(&directory, r#"{"auths": {"docker.io": {"auth": "%%%"}}}"#);
+        let error = credentials_in(&path, "docker.io").unwrap_err().to_string();
+        assert!(
+            error.ends_with("auths.docker.io: auth is not base64"),
+            "{error}"
+        );
+
+        let no_colon = STANDARD.encode("nocolon");
+        let path = config(
+            &directory,
+            &format!(r#"{{"auths": {{"docker.io": {{"auth": "{no_colon}"}}}}}}"#),
+        );
+        let error = credentials_in(&path, "docker.io").unwrap_err().to_string();
+        assert!(
+            error.ends_with("auth is not base64 of user:password"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn store_keeps_other_keys_replaces_aliases_and_remove_takes_them_out() {
+        let directory = Directory::new("store");
+        let path = config(
+            &directory,
+            &serde_json::json!({
+                "auths": {
+                    "index.docker.io": {"auth": STANDARD.encode("old:old")},
+                    "kept.example": {"auth": STANDARD.encode("k:k")},
+                },
+                "proxies": {"default": {}},
+            })
+            .to_string(),
+        );
+        let credentials = Credentials {
+            username: "new".to_string(),
+            password: "word".to_string(),
+        };
+        store_credentials(&path, "docker.io", &credentials).unwrap();
+        let written: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            written["auths"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            vec![DOCKER_HUB_CONFIG_KEY, "kept.example"]
+        );
+        assert_eq!(written["proxies"], serde_json::json!({"default": {}}));
+        assert_eq!(
+            credentials_in(&path, "docker.io").unwrap(),
+            Some(credentials)
+        );
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        assert!(remove_credentials(&path, "registry-1.docker.io").unwrap());
+        assert!(!remove_credentials(&path, "docker.io").unwrap());
+        assert_eq!(credentials_in(&path, "docker.io").unwrap(), None);
+        assert!(credentials_in(&path, "kept.example").unwrap().is_some());
+    }
+
+    #[test]
+    fn store_creates_the_directory_private() {
+        let directory = Directory::new("create");
+        let path = directory.0.join("new/config.json");
+        let credentials = Credentials {
+            username: "a".to_string(),
+            password: "b".to_string(),
+        };
+        store_credentials(&path, "127.0.0.1:5000", &credentials).unwrap();
+        assert_eq!(
+            fs::metadata(path.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        assert_eq!(
+            credentials_in(&path, "127.0.0.1:5000").unwrap(),
+            Some(credentials)
+        );
+    }
 }

@@ -1,6 +1,14 @@
 //! The distribution client: pull and push images between an OCI registry and the store.
 //!
 //! `auth` answers a registry's 401 challenges (anonymous, Basic, Bearer tokens) with the
-//! credentials of the Docker config; the rest of the module speaks the distribution API.
+//! credentials of the Docker config; `client` speaks HTTP to one repository (endpoint, errors,
+//! retries); `pull` and `push` move images.
 
 pub mod auth;
+pub mod client;
+pub mod pull;
+pub mod push;
+
+pub use client::{RegistryError, set_insecure_registries};
+pub use pull::pull;
+pub use push::push;

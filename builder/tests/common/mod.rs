@@ -2,6 +2,8 @@
 //! binary, and the busybox rootfs tarball made by `testdata/busybox-rootfs.sh`.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod registry;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
