@@ -58,6 +58,35 @@ pub enum CommandLine {
     Verify,
     /// Run a command in a new container from an image of the local store.
     Run(Box<RunArguments>),
+    /// Log in to a registry: check the credentials, then keep them in the Docker config.
+    Login(LoginArguments),
+    /// Forget the credentials kept for a registry.
+    Logout(LogoutArguments),
+}
+
+/// `rbuild login`.
+#[derive(Debug, Args)]
+pub struct LoginArguments {
+    /// The user name [default: asked on standard input].
+    #[arg(short = 'u', long = "username", value_name = "USER")]
+    pub username: Option<String>,
+    /// The password (visible to other users: prefer --password-stdin).
+    #[arg(short = 'p', long = "password", value_name = "PASSWORD")]
+    pub password: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long, conflicts_with = "password")]
+    pub password_stdin: bool,
+    /// The registry: a host[:port], or docker.io.
+    #[arg(value_name = "SERVER", default_value = "docker.io")]
+    pub server: String,
+}
+
+/// `rbuild logout`.
+#[derive(Debug, Args)]
+pub struct LogoutArguments {
+    /// The registry: a host[:port], or docker.io.
+    #[arg(value_name = "SERVER", default_value = "docker.io")]
+    pub server: String,
 }
 
 /// `rbuild run`.
@@ -326,7 +355,7 @@ pub enum PlanFormat {
 /// The commands that are not `build`; any other first word means `build`.
 const COMMANDS: &[&str] = &[
     "build", "images", "inspect", "tag", "rmi", "save", "load", "import", "prune", "du", "verify",
-    "run", "help",
+    "run", "login", "logout", "help",
 ];
 
 /// Inserts `build` after the global options when no command is named.
@@ -370,6 +399,8 @@ pub fn main() -> ExitCode {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
             return ExitCode::from(commands::run::run(&root, &arguments));
         }
+        CommandLine::Login(arguments) => commands::login::login(&arguments),
+        CommandLine::Logout(arguments) => commands::login::logout(&arguments),
         command => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
             commands::image::run(&root, command)

@@ -35,6 +35,9 @@ pub fn run(root: &Path, command: CommandLine) -> Status {
         CommandLine::Prune(arguments) => prune(&store, arguments.all),
         CommandLine::Du(arguments) => du(&store, arguments.format),
         CommandLine::Verify => verify(&store),
+        CommandLine::Login(_) | CommandLine::Logout(_) => {
+            unreachable!("login and logout have their own module")
+        }
     }
 }
 

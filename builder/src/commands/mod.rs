@@ -2,4 +2,5 @@
 
 pub mod build;
 pub mod image;
+pub mod login;
 pub mod run;
