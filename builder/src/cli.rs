@@ -73,6 +73,10 @@ pub enum CommandLine {
     Pull(PullArguments),
     /// Send an image of the local store to the registry its name points at.
     Push(PushArguments),
+    /// Log in to a registry: check the credentials, then keep them in the Docker config.
+    Login(LoginArguments),
+    /// Forget the credentials kept for a registry.
+    Logout(LogoutArguments),
 }
 
 /// `rbuild pull`.
@@ -92,6 +96,31 @@ pub struct PushArguments {
     /// The image name, which says the registry and repository: REGISTRY/NAME[:TAG].
     #[arg(value_name = "REF")]
     pub reference: String,
+}
+
+/// `rbuild login`.
+#[derive(Debug, Args)]
+pub struct LoginArguments {
+    /// The user name [default: asked on standard input].
+    #[arg(short = 'u', long = "username", value_name = "USER")]
+    pub username: Option<String>,
+    /// The password (visible to other users: prefer --password-stdin).
+    #[arg(short = 'p', long = "password", value_name = "PASSWORD")]
+    pub password: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long, conflicts_with = "password")]
+    pub password_stdin: bool,
+    /// The registry: a host[:port], or docker.io.
+    #[arg(value_name = "SERVER", default_value = "docker.io")]
+    pub server: String,
+}
+
+/// `rbuild logout`.
+#[derive(Debug, Args)]
+pub struct LogoutArguments {
+    /// The registry: a host[:port], or docker.io.
+    #[arg(value_name = "SERVER", default_value = "docker.io")]
+    pub server: String,
 }
 
 /// `rbuild run`.
@@ -360,7 +389,7 @@ pub enum PlanFormat {
 /// The commands that are not `build`; any other first word means `build`.
 const COMMANDS: &[&str] = &[
     "build", "images", "inspect", "tag", "rmi", "save", "load", "import", "prune", "du", "verify",
-    "run", "pull", "push", "help",
+    "run", "pull", "push", "login", "logout", "help",
 ];
 
 /// Inserts `build` after the global options when no command is named.
@@ -413,6 +442,8 @@ pub fn main() -> ExitCode {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
             commands::registry::push(&root, &arguments)
         }
+        CommandLine::Login(arguments) => commands::login::login(&arguments),
+        CommandLine::Logout(arguments) => commands::login::logout(&arguments),
         command => {
             let root = cli.root.unwrap_or_else(crate::options::default_root);
             commands::image::run(&root, command)

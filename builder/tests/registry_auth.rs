@@ -4,11 +4,17 @@
 
 mod common;
 
-use common::registry::{Direction, DroppingProxy, Registry};
+use common::registry::{Direction, DroppingProxy, Registry, docker_config};
 use common::*;
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rbuild_builder::registry::auth::{self, AuthError, Authenticator, Credentials};
 
 /// An OCI archive of busybox written by `rbuild save`, for skopeo to push.
 fn busybox_archive(directory: &TempDirectory) -> PathBuf {
@@ -58,7 +64,6 @@ fn skopeo_layers(reference: &str, extra: &[&str]) -> Vec<String> {
 
 /// A raw HTTP/1.0 GET through `address`; returns the bytes read before the connection closed.
 fn raw_get(address: &str, path: &str) -> Vec<u8> {
-    use std::io::Write;
     let mut stream = std::net::TcpStream::connect(address).expect("connect");
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
     let mut response = Vec::new();
@@ -190,5 +195,494 @@ fn harness_dropping_proxy_cuts_the_first_upload_only() {
     assert_eq!(
         skopeo_layers(&format!("{}/test/busybox:1", registry.address()), &[]).len(),
         1
+    );
+}
+
+// --- rbuild login and logout ---
+
+/// `rbuild ARGUMENTS...` with `DOCKER_CONFIG` (never the real home) and `stdin` as input.
+fn rbuild_with_config(docker_config: &Path, arguments: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbuild"))
+        .args(arguments)
+        .env("DOCKER_CONFIG", docker_config)
+        .env_remove("HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rbuild runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().expect("rbuild runs")
+}
+
+fn read_config(docker_config: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(docker_config.join("config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn login_with_the_right_password_keeps_the_credentials_and_other_keys() {
+    let directory = TempDirectory::new("login-right");
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let docker_config = directory.join("docker");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    std::fs::write(
+        docker_config.join("config.json"),
+        r#"{"auths": {"other.example": {"auth": "b3RoZXI6b3RoZXI="}}, "psFormat": "table"}"#,
+    )
+    .unwrap();
+    let output = rbuild_with_config(
+        &docker_config,
+        &[
+            "login",
+            "-u",
+            "alice",
+            "--password-stdin",
+            &registry.address(),
+        ],
+        "wonderland\n",
+    );
+    assert_eq!(succeeds(output).trim(), "Login Succeeded");
+    assert!(registry.tokens_issued() >= 1, "the password was checked");
+
+    let config = read_config(&docker_config);
+    assert_eq!(
+        config["auths"][registry.address()]["auth"],
+        STANDARD.encode("alice:wonderland")
+    );
+    assert_eq!(config["auths"]["other.example"]["auth"], "b3RoZXI6b3RoZXI=");
+    assert_eq!(config["psFormat"], "table");
+    let mode = std::fs::metadata(docker_config.join("config.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        auth::credentials_in(&docker_config.join("config.json"), &registry.address()).unwrap(),
+        Some(Credentials {
+            username: "alice".to_string(),
+            password: "wonderland".to_string()
+        })
+    );
+}
+
+#[test]
+fn login_with_a_wrong_password_exits_1_and_writes_nothing() {
+    let directory = TempDirectory::new("login-wrong");
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let docker_config = directory.join("docker");
+    // No config yet: none may appear.
+    let output = rbuild_with_config(
+        &docker_config,
+        &[
+            "login",
+            "-u",
+            "alice",
+            "-p",
+            "looking-glass",
+            &registry.address(),
+        ],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: login to {} failed: wrong user name or password",
+            registry.address()
+        )),
+        "{stderr}"
+    );
+    assert!(!text(&output.stdout).contains("Login Succeeded"));
+    assert!(!docker_config.exists());
+    assert_eq!(registry.tokens_refused(), 1);
+
+    // An existing config is left byte for byte.
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let before = r#"{"auths":{}}"#;
+    std::fs::write(docker_config.join("config.json"), before).unwrap();
+    let output = rbuild_with_config(
+        &docker_config,
+        &[
+            "login",
+            "-u",
+            "alice",
+            "--password-stdin",
+            &registry.address(),
+        ],
+        "looking-glass",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        std::fs::read_to_string(docker_config.join("config.json")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn login_to_an_htpasswd_registry_and_logout() {
+    let directory = TempDirectory::new("login-basic");
+    let registry = Registry::with_basic_auth("bob", "builder");
+    let docker_config = directory.join("docker");
+    let wrong = rbuild_with_config(
+        &docker_config,
+        &[
+            "login",
+            "-u",
+            "bob",
+            "--password-stdin",
+            &registry.address(),
+        ],
+        "wrong",
+    );
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(text(&wrong.stderr).contains("wrong user name or password"));
+    assert!(!docker_config.join("config.json").exists());
+
+    let right = rbuild_with_config(
+        &docker_config,
+        &[
+            "login",
+            "-u",
+            "bob",
+            "--password-stdin",
+            &registry.address(),
+        ],
+        "builder",
+    );
+    assert_eq!(succeeds(right).trim(), "Login Succeeded");
+    assert_eq!(
+        read_config(&docker_config)["auths"][registry.address()]["auth"],
+        STANDARD.encode("bob:builder")
+    );
+
+    let output = rbuild_with_config(&docker_config, &["logout", &registry.address()], "");
+    assert_eq!(
+        succeeds(output).trim(),
+        format!("Removing login credentials for {}", registry.address())
+    );
+    assert_eq!(read_config(&docker_config)["auths"], serde_json::json!({}));
+    let output = rbuild_with_config(&docker_config, &["logout", &registry.address()], "");
+    assert_eq!(
+        succeeds(output).trim(),
+        format!("Not logged in to {}", registry.address())
+    );
+}
+
+#[test]
+fn logout_removes_only_that_registry() {
+    let directory = TempDirectory::new("logout");
+    let docker_config = docker_config(&directory.join("docker"), "127.0.0.1:5999", "a", "b");
+    let mut config = read_config(&docker_config);
+    config["auths"]["https://index.docker.io/v1/"] = serde_json::json!({"auth": "eDp5"});
+    std::fs::write(docker_config.join("config.json"), config.to_string()).unwrap();
+
+    succeeds(rbuild_with_config(&docker_config, &["logout"], ""));
+    let config = read_config(&docker_config);
+    assert!(config["auths"].get("https://index.docker.io/v1/").is_none());
+    assert!(config["auths"].get("127.0.0.1:5999").is_some());
+}
+
+#[test]
+fn login_usage_errors() {
+    let directory = TempDirectory::new("login-usage");
+    let docker_config = directory.join("docker");
+    let output = rbuild_with_config(
+        &docker_config,
+        &["login", "--password-stdin", "127.0.0.1:1"],
+        "x",
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("--password-stdin needs --username"));
+    let output = rbuild_with_config(
+        &docker_config,
+        &[
+            "login",
+            "-u",
+            "a",
+            "-p",
+            "b",
+            "--password-stdin",
+            "127.0.0.1:1",
+        ],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let output = rbuild_with_config(
+        &docker_config,
+        &["login", "-u", "a", "--password-stdin", "127.0.0.1:1"],
+        "\n",
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("the password is empty"));
+    assert!(!docker_config.exists());
+}
+
+// --- the Authenticator against real registries ---
+
+/// A request the way the distribution client makes it: the known header for `scope` if any; on
+/// 401, the answer to the challenge, once. Returns the final status.
+fn authorized(
+    http: &reqwest::blocking::Client,
+    authenticator: &Authenticator,
+    method: reqwest::Method,
+    url: &str,
+    scope: &str,
+) -> Result<reqwest::StatusCode, AuthError> {
+    let send = |header: Option<String>| {
+        let request = http.request(method.clone(), url);
+        match header {
+            Some(header) => request.header(reqwest::header::AUTHORIZATION, header),
+            None => request,
+        }
+        .send()
+        .expect("the registry answers")
+    };
+    let response = send(authenticator.header(scope));
+    if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+        return Ok(response.status());
+    }
+    let challenge = response
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .expect("a 401 has a challenge")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let header = authenticator.answer(http, &challenge, scope)?;
+    Ok(send(Some(header)).status())
+}
+
+fn alice() -> Option<Credentials> {
+    Some(Credentials {
+        username: "alice".to_string(),
+        password: "wonderland".to_string(),
+    })
+}
+
+#[test]
+fn authenticator_gets_tokens_the_registry_accepts_and_reuses_them_per_scope() {
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let http = reqwest::blocking::Client::new();
+    let base = format!("http://{}", registry.address());
+    let authenticator = Authenticator::new(&registry.address(), alice());
+
+    // The catalog needs its own scope; the registry accepts the token (200, an empty list).
+    let status = authorized(
+        &http,
+        &authenticator,
+        reqwest::Method::GET,
+        &format!("{base}/v2/_catalog"),
+        "registry:catalog:*",
+    )
+    .unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(registry.tokens_issued(), 1);
+
+    // A manifest HEAD: past authorization the registry says the manifest is unknown (404),
+    // not 401.
+    let manifest = format!("{base}/v2/team/app/manifests/latest");
+    let push_scope = "repository:team/app:pull,push";
+    let status = authorized(
+        &http,
+        &authenticator,
+        reqwest::Method::HEAD,
+        &manifest,
+        push_scope,
+    )
+    .unwrap();
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+    assert_eq!(registry.tokens_issued(), 2);
+
+    // Cached: the same scope, and a pull of the same repository, need no new token.
+    for scope in [push_scope, "repository:team/app:pull"] {
+        assert!(authenticator.header(scope).is_some(), "{scope}");
+        let status = authorized(
+            &http,
+            &authenticator,
+            reqwest::Method::HEAD,
+            &manifest,
+            scope,
+        )
+        .unwrap();
+        assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+    }
+    assert_eq!(registry.tokens_issued(), 2);
+
+    // Another repository is another scope: a new token.
+    assert!(authenticator.header("repository:team/other:pull").is_none());
+    let status = authorized(
+        &http,
+        &authenticator,
+        reqwest::Method::HEAD,
+        &format!("{base}/v2/team/other/manifests/latest"),
+        "repository:team/other:pull",
+    )
+    .unwrap();
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+    assert_eq!(registry.tokens_issued(), 3);
+}
+
+#[test]
+fn authenticator_is_shared_by_threads() {
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let http = reqwest::blocking::Client::new();
+    let authenticator = Authenticator::new(&registry.address(), alice());
+    let manifest = format!("http://{}/v2/shared/manifests/latest", registry.address());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let status = authorized(
+                    &http,
+                    &authenticator,
+                    reqwest::Method::HEAD,
+                    &manifest,
+                    "repository:shared:pull",
+                )
+                .unwrap();
+                assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+            });
+        }
+    });
+    assert!(authenticator.header("repository:shared:pull").is_some());
+}
+
+#[test]
+fn authenticator_anonymous_gets_no_access_and_a_wrong_password_is_refused() {
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let http = reqwest::blocking::Client::new();
+    let manifest = format!("http://{}/v2/team/app/manifests/latest", registry.address());
+
+    let anonymous = Authenticator::new(&registry.address(), None);
+    let status = authorized(
+        &http,
+        &anonymous,
+        reqwest::Method::HEAD,
+        &manifest,
+        "repository:team/app:pull",
+    )
+    .unwrap();
+    assert_eq!(
+        status,
+        reqwest::StatusCode::UNAUTHORIZED,
+        "an anonymous token has no access"
+    );
+
+    let wrong = Authenticator::new(
+        &registry.address(),
+        Some(Credentials {
+            username: "alice".to_string(),
+            password: "looking-glass".to_string(),
+        }),
+    );
+    let error = authorized(
+        &http,
+        &wrong,
+        reqwest::Method::HEAD,
+        &manifest,
+        "repository:team/app:pull",
+    )
+    .unwrap_err();
+    assert!(matches!(error, AuthError::Refused { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("refused the credentials of alice"),
+        "{error}"
+    );
+    assert!(wrong.header("repository:team/app:pull").is_none());
+}
+
+#[test]
+fn authenticator_with_an_identity_token_uses_the_oauth2_refresh_grant() {
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let http = reqwest::blocking::Client::new();
+    let manifest = format!("http://{}/v2/team/app/manifests/latest", registry.address());
+    let token = |password: String| {
+        Authenticator::new(
+            &registry.address(),
+            Some(Credentials {
+                username: auth::IDENTITY_TOKEN_USERNAME.to_string(),
+                password,
+            }),
+        )
+    };
+    let valid = token(registry.refresh_token().unwrap());
+    let status = authorized(
+        &http,
+        &valid,
+        reqwest::Method::HEAD,
+        &manifest,
+        "repository:team/app:pull",
+    )
+    .unwrap();
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+
+    let invalid = token("not-a-refresh-token".to_string());
+    let error = authorized(
+        &http,
+        &invalid,
+        reqwest::Method::HEAD,
+        &manifest,
+        "repository:team/app:pull",
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("refused the identity token"),
+        "{error}"
+    );
+}
+
+#[test]
+fn authenticator_answers_htpasswd_with_basic_credentials_from_the_docker_config() {
+    let directory = TempDirectory::new("authenticator-basic");
+    let registry = Registry::with_basic_auth("bob", "builder");
+    let docker_config = docker_config(
+        &directory.join("docker"),
+        &registry.address(),
+        "bob",
+        "builder",
+    );
+    let credentials =
+        auth::credentials_in(&docker_config.join("config.json"), &registry.address()).unwrap();
+    assert!(credentials.is_some());
+    let http = reqwest::blocking::Client::new();
+    let authenticator = Authenticator::new(&registry.address(), credentials);
+    let catalog = format!("http://{}/v2/_catalog", registry.address());
+    let status = authorized(
+        &http,
+        &authenticator,
+        reqwest::Method::GET,
+        &catalog,
+        "registry:catalog:*",
+    )
+    .unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK);
+    // From now on every request carries the credentials without a 401 first.
+    let header = authenticator.header("repository:any:pull").unwrap();
+    let status = http
+        .get(&catalog)
+        .header(reqwest::header::AUTHORIZATION, header)
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, reqwest::StatusCode::OK);
+
+    let anonymous = Authenticator::new(&registry.address(), None);
+    let error = authorized(
+        &http,
+        &anonymous,
+        reqwest::Method::GET,
+        &catalog,
+        "registry:catalog:*",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, AuthError::CredentialsNeeded { .. }),
+        "{error}"
     );
 }

@@ -23,8 +23,10 @@ pub fn run(root: &Path, command: CommandLine) -> Status {
         CommandLine::Build(_)
         | CommandLine::Run(_)
         | CommandLine::Pull(_)
-        | CommandLine::Push(_) => {
-            unreachable!("build, run, pull and push have their own modules")
+        | CommandLine::Push(_)
+        | CommandLine::Login(_)
+        | CommandLine::Logout(_) => {
+            unreachable!("build, run, pull, push, login and logout have their own modules")
         }
         CommandLine::Images(arguments) => images(&store, arguments.quiet, arguments.format),
         CommandLine::Inspect(arguments) => inspect(&store, &arguments.images),

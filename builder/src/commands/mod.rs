@@ -2,5 +2,6 @@
 
 pub mod build;
 pub mod image;
+pub mod login;
 pub mod registry;
 pub mod run;

@@ -979,6 +979,12 @@ mod tests {
     }
 
     #[test]
+    fn one_authenticator_is_shared_by_the_threads_of_a_pull() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Authenticator>();
+    }
+
+    #[test]
     fn a_push_token_serves_pulls_of_the_same_repository_only() {
         assert!(scope_covers(
             "repository:a/b:pull,push",

@@ -183,6 +183,14 @@ impl Registry {
             .map_or(0, |server| server.state.refused.load(Ordering::SeqCst))
     }
 
+    /// The identity (refresh) token the token server takes for the user in an OAuth2
+    /// `refresh_token` grant, when the registry uses token auth.
+    pub fn refresh_token(&self) -> Option<String> {
+        self.token_server
+            .as_ref()
+            .map(|server| refresh_token_for(&server.state.user))
+    }
+
     /// The token server's realm URL, when the registry uses token auth.
     pub fn realm(&self) -> Option<String> {
         self.token_server.as_ref().map(TokenServer::realm)
@@ -241,6 +249,10 @@ pub fn docker_config(directory: &Path, host: &str, user: &str, password: &str) -
 }
 
 // --- the token server ---
+
+fn refresh_token_for(user: &str) -> String {
+    format!("rbuild-test-refresh-token-of-{user}")
+}
 
 struct TokenState {
     user: String,
@@ -447,6 +459,16 @@ fn serve_token_connection(stream: TcpStream, state: &TokenState) {
             };
             let credentials = match value("grant_type").as_deref() {
                 Some("password") => value("username").zip(value("password")),
+                // A valid refresh token stands for the user's password; an invalid one for a
+                // wrong one.
+                Some("refresh_token") => Some((
+                    state.user.clone(),
+                    if value("refresh_token") == Some(refresh_token_for(&state.user)) {
+                        state.password.clone()
+                    } else {
+                        String::new()
+                    },
+                )),
                 _ => None,
             };
             (form, credentials)
