@@ -450,6 +450,8 @@ fn solve_options(options: &BuildOptions) -> crate::solver::SolveOptions {
         ),
         secrets: options.secrets.clone(),
         dry_run: false,
+        cache_from: options.cache_from.clone(),
+        cache_to: options.cache_to.clone(),
     }
 }
 
@@ -462,12 +464,6 @@ fn build(
     ignore: Option<IgnoreMatcher>,
 ) -> Status {
     use crate::solver::{self, ProgressMode};
-    if !options.cache_from.is_empty() || !options.cache_to.is_empty() {
-        eprintln!(
-            "error: --cache-from and --cache-to are not supported yet: build cache stays in this root's store"
-        );
-        return Status::Usage;
-    }
     if let Err(message) = crate::export::check(&options.outputs) {
         eprintln!("error: {message}");
         return Status::Usage;

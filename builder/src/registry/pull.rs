@@ -99,7 +99,7 @@ fn bad(client: &Client, what: &'static str, digest: &Digest, problem: String) ->
 
 /// GETs the manifest `wanted` (a tag or a digest): its media type and bytes, checked against
 /// `expected` and the registry's `Docker-Content-Digest`.
-fn fetch_manifest(
+pub(crate) fn fetch_manifest(
     client: &Client,
     wanted: &str,
     expected: Option<&Digest>,
@@ -271,7 +271,11 @@ fn descriptor(client: &Client, manifest: &Digest, value: &Value) -> Result<Targe
 }
 
 /// Downloads the blobs the store lacks, a few at a time; the first failure stops the rest.
-fn download_all(store: &Store, client: &Client, blobs: &[Target]) -> Result<(), RegistryError> {
+pub(crate) fn download_all(
+    store: &Store,
+    client: &Client,
+    blobs: &[Target],
+) -> Result<(), RegistryError> {
     let queue: Mutex<VecDeque<&Target>> = Mutex::new(blobs.iter().collect());
     let failure: Mutex<Option<RegistryError>> = Mutex::new(None);
     std::thread::scope(|scope| {
@@ -299,7 +303,7 @@ fn download_all(store: &Store, client: &Client, blobs: &[Target]) -> Result<(), 
 }
 
 /// Downloads one blob unless the store has it, resuming after a broken connection.
-fn download(store: &Store, client: &Client, blob: &Target) -> Result<(), RegistryError> {
+pub(crate) fn download(store: &Store, client: &Client, blob: &Target) -> Result<(), RegistryError> {
     let content = store.content();
     if content.contains(&blob.digest) && content.size(&blob.digest)? == blob.size {
         eprintln!("exists  {}", blob.digest);

@@ -47,6 +47,7 @@ mod fingerprint;
 mod mounts;
 mod progress;
 mod run;
+mod shared_cache;
 
 use progress::Progress;
 pub use progress::ProgressMode;
@@ -72,6 +73,10 @@ pub struct SolveOptions {
     pub dry_run: bool,
     /// `--secret`s, for `RUN --mount=type=secret` (read when a step mounts them).
     pub secrets: Vec<crate::options::Secret>,
+    /// `--cache-from`: caches whose records count as hits (not read under `dry_run`).
+    pub cache_from: Vec<crate::options::CacheLocation>,
+    /// `--cache-to`: where the build's cache records go once it succeeded.
+    pub cache_to: Vec<crate::options::CacheExport>,
 }
 
 /// What happened to one step.
@@ -201,7 +206,12 @@ pub fn solve(
 ) -> Result<BuildResult, SolveError> {
     let (solver, reports) = schedule(store, graph, dockerfile_name, context, ignore, options)?;
     let built = solver.result_of(graph.target_stage().index);
+    // The image must be whole in the store, whatever came from an imported cache.
+    solver.ensure_local(&built.layers)?;
     let (image, config_digest) = solver.write_image(built)?;
+    for export in &options.cache_to {
+        solver.export_cache(export)?;
+    }
     Ok(BuildResult {
         image,
         config_digest,
@@ -241,7 +251,14 @@ fn schedule(
 ) -> Result<(Arc<Solver>, Vec<StepReport>), SolveError> {
     let stat_cache = Arc::new(StatCache::load(&stat_cache_path(&store, context)));
     let jobs = options.jobs.max(1);
+    let imported = if options.dry_run || options.cache_from.is_empty() {
+        shared_cache::ImportedCache::default()
+    } else {
+        shared_cache::ImportedCache::import(&store, &options.cache_from)
+    };
     let solver = Arc::new(Solver {
+        imported,
+        records: Mutex::default(),
         store,
         dockerfile_name: dockerfile_name.to_string(),
         context: context.to_path_buf(),
@@ -301,6 +318,10 @@ type InFlight = Arc<OnceLock<Option<Option<LayerRecord>>>>;
 
 struct Solver {
     store: Arc<Store>,
+    /// The records of `--cache-from`.
+    imported: shared_cache::ImportedCache,
+    /// (stage, key, layer) of every filesystem step of this build, for `--cache-to`.
+    records: Mutex<Vec<(usize, Digest, Option<LayerRecord>)>>,
     dockerfile_name: String,
     context: PathBuf,
     filter: IgnoreFilter,
@@ -570,7 +591,7 @@ impl Solver {
                 let images = crate::resolver::StoreImages::new(Some(&self.store));
                 let image = images.lookup(reference).ok_or_else(|| SolveError::Step {
                     message: format!(
-                        "{}:{}: {}: base image {reference} is not in the store (pulling from a registry is not supported yet; `rbuild load` or `rbuild import` it)",
+                        "{}:{}: {}: base image {reference} is not in the store and was not pulled (`rbuild pull`, `rbuild load` or `rbuild import` it)",
                         self.dockerfile_name,
                         stage.location.start_line,
                         stage.from_instruction
@@ -730,6 +751,12 @@ impl Solver {
                 .as_ref()
                 .is_none_or(|layer| self.store.content().contains(&layer.target.digest))
         });
+        // Then the imported caches: a hit whose layer is fetched only when needed.
+        let hit = match hit {
+            Some(hit) => Some(hit),
+            None if self.options.no_cache => None,
+            None => self.imported.get(&key).cloned(),
+        };
         let (layer, outcome) = match hit {
             Some(layer) => (layer, Outcome::Cached),
             None if self.options.dry_run => {
@@ -791,6 +818,10 @@ impl Solver {
         // Remembered only once the step succeeded, so the next miss compares with a build
         // that worked.
         fingerprint.layer = layer.as_ref().map(|layer| layer.diff_id.to_string());
+        self.records
+            .lock()
+            .unwrap_or_else(|error| error.into_inner())
+            .push((built.stage_index, key.clone(), layer.clone()));
         if !self.options.dry_run && previous.as_ref() != Some(&fingerprint) {
             let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
             let _ = rbuild_cache::content::write_atomic(&history, &bytes);
@@ -831,6 +862,7 @@ impl Solver {
 
     /// The snapshot directories of `layers`, topmost first (overlayfs's lowerdir order).
     fn snapshot_directories(&self, layers: &[LayerRecord]) -> Result<Vec<PathBuf>, SolveError> {
+        self.ensure_local(layers)?;
         let mut directories = layers
             .iter()
             .map(|layer| snapshot::prepare(&self.store, &layer.target, &layer.diff_id))
