@@ -289,15 +289,24 @@ fn missing_context_or_dockerfile_exits_1() {
 #[test]
 fn a_build_whose_base_image_is_missing_names_the_from_line() {
     let demo = testdata("demo");
-    let output = rbuild(&["build", "-t", "demo:v1", demo.to_str().unwrap()]);
+    // A base on a loopback port nothing listens on: the pull fails at once, and no test ever
+    // reaches for a registry off this machine.
+    let output = rbuild(&[
+        "build",
+        "-t",
+        "demo:v1",
+        "--build-arg",
+        "BASE=127.0.0.1:9/missing:latest",
+        demo.to_str().unwrap(),
+    ]);
     assert_eq!(output.status.code(), Some(1));
     // All three stages start at once (each FROM names an image); whichever fails first is
     // reported, and only that one.
     let stderr = stderr(&output);
     let reported: Vec<&str> = [
-        "Dockerfile:5: FROM ${BASE} AS build: base image busybox:latest is not in the store",
-        "Dockerfile:14: FROM ${BASE} AS credits: base image busybox:latest is not in the store",
-        "Dockerfile:17: FROM ${BASE}: base image busybox:latest is not in the store",
+        "Dockerfile:5: FROM ${BASE} AS build: base image 127.0.0.1:9/missing:latest is not in the store",
+        "Dockerfile:14: FROM ${BASE} AS credits: base image 127.0.0.1:9/missing:latest is not in the store",
+        "Dockerfile:17: FROM ${BASE}: base image 127.0.0.1:9/missing:latest is not in the store",
     ]
     .into_iter()
     .filter(|message| stderr.contains(message))

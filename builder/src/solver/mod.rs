@@ -735,9 +735,11 @@ impl Solver {
         make: impl FnOnce(&Self, usize, Option<&Fingerprint>) -> Result<Option<LayerRecord>, SolveError>,
     ) -> Result<Outcome, SolveError> {
         let history = self.history_path(step, built.stage_index);
-        let previous: Option<Fingerprint> = fs::read(&history)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        // The key of the build the history describes: when it is this key, the history
+        // already says what a miss would compare with, and a hit need not read it (for a COPY
+        // of 20,000 files it is megabytes of JSON).
+        let marker = history.with_extension("key");
+        let same_key = fs::read_to_string(&marker).is_ok_and(|text| text == key.to_string());
 
         let record = if self.options.no_cache {
             None
@@ -756,6 +758,14 @@ impl Solver {
             Some(hit) => Some(hit),
             None if self.options.no_cache => None,
             None => self.imported.get(&key).cloned(),
+        };
+        let history_current = same_key && hit.is_some();
+        let previous: Option<Fingerprint> = if history_current {
+            None
+        } else {
+            fs::read(&history)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         };
         let (layer, outcome) = match hit {
             Some(layer) => (layer, Outcome::Cached),
@@ -822,9 +832,12 @@ impl Solver {
             .lock()
             .unwrap_or_else(|error| error.into_inner())
             .push((built.stage_index, key.clone(), layer.clone()));
-        if !self.options.dry_run && previous.as_ref() != Some(&fingerprint) {
+        if !self.options.dry_run && !history_current && previous.as_ref() != Some(&fingerprint) {
             let bytes = serde_json::to_vec(&fingerprint).expect("fingerprints serialize");
             let _ = rbuild_cache::content::write_atomic(&history, &bytes);
+        }
+        if !self.options.dry_run && !same_key {
+            let _ = rbuild_cache::content::write_atomic(&marker, key.to_string().as_bytes());
         }
         if let Some(layer) = layer {
             push_diff_id(&mut built.config, &layer.diff_id);

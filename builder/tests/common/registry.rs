@@ -701,11 +701,12 @@ fn pump(
                 .is_ok()
         {
             let allowed = (state.after_bytes - carried) as usize;
+            // Counted before the cut: whoever sees the connection end then sees the drop.
+            state.drops.fetch_add(1, Ordering::SeqCst);
             let _ = to.write_all(&buffer[..allowed]);
             let _ = to.flush();
             let _ = both.0.shutdown(Shutdown::Both);
             let _ = both.1.shutdown(Shutdown::Both);
-            state.drops.fetch_add(1, Ordering::SeqCst);
             return;
         }
         carried += read as u64;
