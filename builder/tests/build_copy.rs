@@ -758,16 +758,6 @@ fn link_changes_nothing_and_add_honours_exclude() {
     assert!(unlinked.ends_with("linked\n"), "{unlinked}");
 }
 
-/// The layers of an image, as `rbuild inspect` names them (diff ids), base first.
-fn diff_ids(root: &Path, image: &str) -> Vec<String> {
-    inspect(root, image)["rootfs"]["diff_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|id| id.as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A rebuild after an edit links the COPY's unchanged files from its last snapshot rather
 /// than copying them, and never links one whose content changed, even when its size and
 /// modification time did not; a changed instruction links nothing.

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use common::registry::Registry;
-use common::{TempDirectory, import_busybox, inspect, rbuild, succeeds, text};
+use common::{TempDirectory, diff_ids, import_busybox, rbuild, succeeds, text};
 
 /// A two-stage build: the builder stage makes a 3 MB random file and a random stamp, the
 /// result copies only the stamp. Random content means a step that ran again would make
@@ -50,15 +50,6 @@ fn build(root: &Path, context: &Path, tag: &str, extra: &[&str]) -> serde_json::
     arguments.push(context.to_str().unwrap());
     succeeds(rbuild(root, &arguments));
     serde_json::from_slice(&fs::read(&metadata).unwrap()).unwrap()
-}
-
-fn diff_ids(root: &Path, image: &str) -> Vec<String> {
-    inspect(root, image)["rootfs"]["diff_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|id| id.as_str().unwrap().to_string())
-        .collect()
 }
 
 fn cached(metadata: &serde_json::Value) -> Vec<(String, bool)> {

@@ -36,6 +36,16 @@ const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, \
     application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// What `reference` asks the registry's `manifests/` for: its digest, else its tag, else
+/// `latest`.
+pub(crate) fn manifest_name(reference: &Reference) -> String {
+    match (reference.digest(), reference.tag()) {
+        (Some(digest), _) => digest.to_string(),
+        (None, Some(tag)) => tag.to_string(),
+        (None, None) => rbuild_cache::reference::DEFAULT_TAG.to_string(),
+    }
+}
+
 /// Pulls `reference` for `platform` into `store` and names it `reference` there; returns the
 /// image manifest's target. Progress lines go to stderr.
 pub fn pull(
@@ -44,11 +54,7 @@ pub fn pull(
     platform: &Platform,
 ) -> Result<Target, RegistryError> {
     let client = Client::new(reference, false)?;
-    let wanted = match (reference.digest(), reference.tag()) {
-        (Some(digest), _) => digest.to_string(),
-        (None, Some(tag)) => tag.to_string(),
-        (None, None) => rbuild_cache::reference::DEFAULT_TAG.to_string(),
-    };
+    let wanted = manifest_name(reference);
     let (mut media_type, mut bytes) = fetch_manifest(&client, &wanted, reference.digest())?;
     if is_index(&media_type) {
         let index_digest = Digest::of(&bytes);

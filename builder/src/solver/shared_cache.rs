@@ -122,11 +122,7 @@ fn read_location(store: &Store, location: &CacheLocation) -> Result<(Source, Rec
             let reference = Reference::parse(reference).map_err(|error| error.to_string())?;
             let client = Client::new(&reference, false)
                 .map_err(|error| crate::commands::image::chain_text(&error))?;
-            let wanted = match (reference.digest(), reference.tag()) {
-                (Some(digest), _) => digest.to_string(),
-                (None, Some(tag)) => tag.to_string(),
-                (None, None) => rbuild_cache::reference::DEFAULT_TAG.to_string(),
-            };
+            let wanted = crate::registry::pull::manifest_name(&reference);
             let (_, manifest) =
                 crate::registry::pull::fetch_manifest(&client, &wanted, reference.digest())
                     .map_err(|error| crate::commands::image::chain_text(&error))?;

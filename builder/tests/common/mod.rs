@@ -132,3 +132,13 @@ pub fn demo_context(directory: &TempDirectory) -> (PathBuf, PathBuf) {
     ));
     (context, root)
 }
+
+/// The diff ids of an image's layers, base first, as `rbuild inspect` shows them.
+pub fn diff_ids(root: &Path, image: &str) -> Vec<String> {
+    inspect(root, image)["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("rootfs.diff_ids")
+        .iter()
+        .map(|id| id.as_str().expect("a diff id").to_string())
+        .collect()
+}
