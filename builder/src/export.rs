@@ -78,6 +78,13 @@ pub enum ExportError {
         #[source]
         source: rbuild_cache::reference::ReferenceError,
     },
+    /// Layers the store lacked could not be fetched from their registry.
+    #[error("fetching the image's layers")]
+    Fetch {
+        /// The cause.
+        #[source]
+        source: Box<crate::registry::RegistryError>,
+    },
     /// Pushing to the registry failed.
     #[error("pushing {name}")]
     Push {
@@ -185,6 +192,15 @@ impl<'a> Exporter<'a> {
 
     /// Writes one output.
     pub fn export(&mut self, output: &Output) -> Result<(), ExportError> {
+        // Every output but the image store's and a push reads the layers' bytes: fetch what
+        // the store only names (a lazily pulled base, a layer of an imported cache).
+        if !matches!(output, Output::Image { .. }) {
+            crate::registry::fetch_layers(self.store, &self.image).map_err(|source| {
+                ExportError::Fetch {
+                    source: Box::new(source),
+                }
+            })?;
+        }
         match output {
             Output::Oci { dest, name } | Output::Docker { dest, name } => {
                 let items = self.save_items(name.as_deref())?;

@@ -1,6 +1,7 @@
 //! Base images for the planner: the frontend asks through its `ImageResolver` seam, and this
 //! answers from the local image store, pulling an image the store lacks from its registry
-//! when asked to (a build; never a dry run).
+//! when asked to (a build; never a dry run). Such a pull is lazy: the manifest and config
+//! now, each layer when a step needs its files.
 
 use std::sync::Mutex;
 
@@ -70,7 +71,7 @@ impl ImageResolver for StoreImages<'_> {
                 if failures.iter().any(|(failed, _)| failed == reference) {
                     return None;
                 }
-                if let Err(error) = crate::registry::pull(store, &parsed, platform) {
+                if let Err(error) = crate::registry::pull_lazily(store, &parsed, platform) {
                     failures.push((reference.to_string(), error));
                     return None;
                 }

@@ -242,3 +242,155 @@ fn a_local_cache_directory_carries_the_cache_and_lies_are_refused() {
     assert!(stderr.contains(&result_layer), "{stderr}");
     assert!(!has_blob(&third, &result_layer));
 }
+
+/// The layer digests of a manifest in the registry, as skopeo reads it.
+fn registry_layers(reference: &str) -> Vec<String> {
+    let manifest: serde_json::Value = serde_json::from_str(&common::tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ],
+    ))
+    .expect("skopeo prints the manifest");
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| layer["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The CI promise of the issue: a fresh root whose base image and cached steps are all in the
+/// registry builds and pushes the result without downloading one layer. FROM resolves the
+/// base by its manifest and config; the cached layers stay in the cache repository and the
+/// push mounts them from there. The image still runs on that root: `rbuild run` fetches its
+/// layers then. And `rbuild run` of an image no root has pulls it, as `docker run` does.
+#[test]
+fn a_cached_build_pushed_to_the_registry_downloads_no_layer() {
+    let directory = TempDirectory::new("cache-lazy");
+    let registry = Registry::open();
+    let base = format!("{}/base/busybox:1", registry.address());
+    let cache = format!("{}/cache/app:main", registry.address());
+    let first_image = format!("{}/app/one:1", registry.address());
+    let second_image = format!("{}/app/two:1", registry.address());
+    let first = directory.join("first");
+    import_busybox(&first, &base);
+    succeeds(rbuild(&first, &["push", &base]));
+    let context = directory.join("context");
+    write_context(&context, &base);
+    build(
+        &first,
+        &context,
+        "app:first",
+        &[
+            "--cache-to",
+            &format!("type=registry,ref={cache},mode=max"),
+            "--output",
+            &format!("type=image,name={first_image},push=true"),
+        ],
+    );
+    let layers = registry_layers(&first_image);
+    assert_eq!(layers.len(), 4, "busybox, COPY, COPY --from, RUN: {layers:?}");
+
+    let second = directory.join("second");
+    let metadata = directory.join("second.json");
+    let output = rbuild(
+        &second,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--network",
+            "none",
+            "--metadata-file",
+            metadata.to_str().unwrap(),
+            "--cache-from",
+            &format!("type=registry,ref={cache}"),
+            "--output",
+            &format!("type=image,name={second_image},push=true"),
+            context.to_str().unwrap(),
+        ],
+    );
+    let stderr = text(&output.stderr);
+    succeeds(output);
+    let metadata: serde_json::Value = serde_json::from_slice(&fs::read(&metadata).unwrap()).unwrap();
+    let steps = cached(&metadata);
+    assert!(
+        steps.iter().all(|(_, cached)| *cached),
+        "every step cached on the fresh root: {steps:?}"
+    );
+    assert_eq!(registry_layers(&second_image), layers);
+    for layer in &layers {
+        assert!(
+            !has_blob(&second, layer),
+            "layer {layer} was downloaded:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains(&format!("pulling {layer}")),
+            "layer {layer} was downloaded:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("mounted {layer}")),
+            "layer {layer} was mounted, not uploaded:\n{stderr}"
+        );
+    }
+    // The store only names those layers, and knows where they are.
+    succeeds(rbuild(&second, &["verify"]));
+
+    let expected = run(&first, "app:first", "cat /combined");
+    assert_eq!(run(&second, &second_image, "cat /combined"), expected);
+    for layer in &layers {
+        assert!(has_blob(&second, layer), "`run` fetched layer {layer}");
+    }
+
+    // A root that has never seen the image pulls it to run it.
+    let third = directory.join("third");
+    let output = rbuild(&third, &["run", "--rm", &second_image, "cat", "/combined"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output), expected);
+    assert!(stderr.contains("pulling it"), "{stderr}");
+}
+
+/// `COPY --from=` an image the root lacks pulls it (its manifest and config, then the layers
+/// the copy reads), as BuildKit does; only FROM used to.
+#[test]
+fn copy_from_an_image_the_root_lacks_pulls_it() {
+    let directory = TempDirectory::new("cache-copy-from");
+    let registry = Registry::open();
+    let tools = format!("{}/tools/busybox:1", registry.address());
+    let first = directory.join("first");
+    import_busybox(&first, &tools);
+    succeeds(rbuild(&first, &["push", &tools]));
+    let context = directory.join("context");
+    fs::create_dir_all(&context).unwrap();
+    fs::write(
+        context.join("Dockerfile"),
+        format!("FROM scratch\nCOPY --from={tools} /bin/busybox /busybox\n"),
+    )
+    .unwrap();
+    let second = directory.join("second");
+    let metadata = build(&second, &context, "copied:1", &[]);
+    let steps = cached(&metadata);
+    assert!(
+        steps
+            .iter()
+            .any(|(instruction, cached)| instruction.starts_with("COPY --from") && !cached),
+        "{steps:?}"
+    );
+    let exported = directory.join("exported");
+    succeeds(rbuild(
+        &second,
+        &[
+            "build",
+            "--output",
+            &format!("type=local,dest={}", exported.display()),
+            context.to_str().unwrap(),
+        ],
+    ));
+    let copied = fs::read(exported.join("busybox")).unwrap();
+    let original = fs::read("/bin/busybox").unwrap();
+    assert_eq!(copied, original);
+}

@@ -95,6 +95,8 @@ pub fn prune(store: &Store, all: bool) -> Result<PruneReport, StoreError> {
             report.bytes_freed += blob.size;
         }
     }
+    // Where to fetch blobs no record reaches any more is not worth keeping either.
+    store.remove_blob_sources(|digest| reachable.contains(digest))?;
     report.bytes_freed += store.content().remove_stale_ingests()?;
     Ok(report)
 }
@@ -295,7 +297,8 @@ impl VerifyReport {
 }
 
 /// Re-hashes every blob (in parallel) and checks that every image record's manifest, config
-/// and layers are present.
+/// and layers are present (a layer may be absent when the store records a registry that has
+/// it).
 pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     let blobs = store.content().list()?;
     let results: Vec<_> = blobs
@@ -322,7 +325,12 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
             .unwrap_or_else(|| record.target.digest.to_string());
         let check = store.image(&record.target).and_then(|image| {
             for layer in image.layers()? {
-                store.content().size(&layer.digest)?;
+                // A layer the store only names must at least say where it is.
+                if store.content().contains(&layer.digest)
+                    || store.blob_sources(&layer.digest).is_empty()
+                {
+                    store.content().size(&layer.digest)?;
+                }
             }
             Ok(())
         });

@@ -16,10 +16,12 @@ pub mod gc;
 pub mod layer;
 pub mod reference;
 pub mod snapshot;
+pub mod sources;
 pub mod store;
 pub mod time;
 
 pub use content::{BlobInfo, BlobWriter, ContentError, ContentStore};
 pub use digest::Digest;
 pub use reference::Reference;
+pub use sources::BlobSource;
 pub use store::{Image, ImageRecord, Store, StoreError, Target};

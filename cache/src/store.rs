@@ -9,12 +9,15 @@
 //! ROOT/v1/images/<hex>.json    one record per tag (hex = sha256 of the name), or
 //!                              dangling-<manifest hex>.json for an untagged image
 //! ROOT/v1/cache/<hex>.json     cache records (see `cache_index`)
+//! ROOT/v1/sources/<hex>.json   registry repositories holding a layer not in the store
+//!                              (see `sources`)
 //! ROOT/v1/snapshots/           unpacked layers
 //! ROOT/v1/containers/<id>/     writable layers of `rbuild run` (removed by --rm or prune)
 //! ```
 //!
 //! Every record is written with [`write_atomic`]; a record only ever names blobs that were
-//! committed before it, so a SIGKILL at any moment leaves either the old or the new state.
+//! committed before it, or layers whose source was recorded before it, so a SIGKILL at any
+//! moment leaves either the old or the new state.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;

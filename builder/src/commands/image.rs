@@ -351,6 +351,10 @@ fn save(store: &Store, names: &[String], output: Option<&Path>) -> Status {
                 .collect(),
             None => vec![None],
         };
+        // An image that only names some layers (a lazily pulled base) gets them now.
+        if let Err(error) = crate::registry::fetch_layers(store, &image) {
+            return fail(&error);
+        }
         for reference in references {
             items.push(SaveItem {
                 reference,

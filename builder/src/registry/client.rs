@@ -190,6 +190,12 @@ pub enum RegistryError {
         /// What rbuild was doing.
         action: String,
     },
+    /// A layer the store does not hold and no registry is known to have.
+    #[error("layer {digest} is not in the store, and no registry is known to have it")]
+    NoSource {
+        /// The blob.
+        digest: Digest,
+    },
     /// The HTTP client could not be made.
     #[error("making the HTTP client")]
     Client {

@@ -10,5 +10,5 @@ pub mod pull;
 pub mod push;
 
 pub use client::{RegistryError, set_insecure_registries};
-pub use pull::pull;
+pub use pull::{fetch_layers, fetch_missing, pull, pull_lazily};
 pub use push::push;

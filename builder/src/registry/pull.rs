@@ -8,8 +8,12 @@
 //! stored); a download that breaks off is resumed with `Range: bytes=N-` while the hash
 //! continues. The manifest is stored last, with the bytes as received, and then tagged, so a
 //! record never names a missing blob.
+//!
+//! [`pull_lazily`] (what `FROM` does) downloads the manifest and config only, and records the
+//! repository as the source of each layer (`rbuild_cache::sources`); [`fetch_missing`] gets
+//! such layers when their bytes are needed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::sync::Mutex;
 
@@ -19,7 +23,7 @@ use serde_json::Value;
 use rbuild_cache::store::{
     DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST,
 };
-use rbuild_cache::{BlobWriter, Digest, Reference, Store, Target};
+use rbuild_cache::{BlobSource, BlobWriter, Digest, Image, Reference, Store, Target};
 use rbuild_frontend::Platform;
 
 use super::client::{ATTEMPTS, Client, RegistryError, backoff, header_text};
@@ -53,6 +57,25 @@ pub fn pull(
     reference: &Reference,
     platform: &Platform,
 ) -> Result<Target, RegistryError> {
+    pull_with(store, reference, platform, true)
+}
+
+/// Like [`pull`], but only the manifest and config are downloaded: each layer the store lacks
+/// gets the repository recorded as its source, to be fetched by [`fetch_missing`] when needed.
+pub fn pull_lazily(
+    store: &Store,
+    reference: &Reference,
+    platform: &Platform,
+) -> Result<Target, RegistryError> {
+    pull_with(store, reference, platform, false)
+}
+
+fn pull_with(
+    store: &Store,
+    reference: &Reference,
+    platform: &Platform,
+    layers_too: bool,
+) -> Result<Target, RegistryError> {
     let client = Client::new(reference, false)?;
     let wanted = manifest_name(reference);
     let (mut media_type, mut bytes) = fetch_manifest(&client, &wanted, reference.digest())?;
@@ -76,6 +99,15 @@ pub fn pull(
     let mut blobs = vec![descriptor(&client, &digest, &manifest["config"])?];
     for layer in manifest["layers"].as_array().into_iter().flatten() {
         blobs.push(descriptor(&client, &digest, layer)?);
+    }
+    if !layers_too {
+        let source = BlobSource {
+            registry: reference.registry().to_string(),
+            repository: reference.repository().to_string(),
+        };
+        for layer in blobs.drain(1..) {
+            store.add_blob_source(&layer.digest, &source)?;
+        }
     }
     download_all(store, &client, &blobs)?;
     let info = store.content().write_bytes(&bytes)?;
@@ -423,4 +455,81 @@ fn download_into(
         });
     }
     Ok(Progress::Done)
+}
+
+/// Fetches the blobs of `targets` the store lacks from the registry repositories recorded as
+/// their sources, trying each source in turn; a blob without any is an error.
+pub fn fetch_missing(store: &Store, targets: &[Target]) -> Result<(), RegistryError> {
+    let mut missing: Vec<&Target> = Vec::new();
+    for target in targets {
+        if !store.content().contains(&target.digest)
+            && !missing.iter().any(|known| known.digest == target.digest)
+        {
+            missing.push(target);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sources: Vec<Vec<BlobSource>> = missing
+        .iter()
+        .map(|target| store.blob_sources(&target.digest))
+        .collect();
+    if let Some(position) = sources.iter().position(Vec::is_empty) {
+        return Err(RegistryError::NoSource {
+            digest: missing[position].digest.clone(),
+        });
+    }
+    let mut clients: HashMap<String, Client> = HashMap::new();
+    let mut last_error = None;
+    let rounds = sources.iter().map(Vec::len).max().unwrap_or(0);
+    for round in 0..rounds {
+        // The blobs still missing, grouped by their source of this round.
+        let mut groups: HashMap<String, Vec<Target>> = HashMap::new();
+        for (target, sources) in missing.iter().zip(&sources) {
+            if let Some(source) = sources.get(round)
+                && !store.content().contains(&target.digest)
+            {
+                groups
+                    .entry(source.name())
+                    .or_default()
+                    .push((*target).clone());
+            }
+        }
+        for (name, blobs) in groups {
+            let client = match clients.get(&name) {
+                Some(client) => client,
+                None => {
+                    let reference = Reference::parse(&name).map_err(|error| {
+                        RegistryError::Store(rbuild_cache::StoreError::Reference(error))
+                    })?;
+                    clients.insert(name.clone(), Client::new(&reference, false)?);
+                    &clients[&name]
+                }
+            };
+            if let Err(error) = download_all(store, client, &blobs) {
+                if round + 1 < rounds {
+                    eprintln!("warning: {}; trying another source", chain_text(&error));
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+    match (
+        missing
+            .iter()
+            .find(|target| !store.content().contains(&target.digest)),
+        last_error,
+    ) {
+        (None, _) => Ok(()),
+        (Some(_), Some(error)) => Err(error),
+        (Some(target), None) => Err(RegistryError::NoSource {
+            digest: target.digest.clone(),
+        }),
+    }
+}
+
+/// Fetches the layers of `image` the store lacks (see [`fetch_missing`]).
+pub fn fetch_layers(store: &Store, image: &Image) -> Result<(), RegistryError> {
+    fetch_missing(store, &image.layers()?)
 }

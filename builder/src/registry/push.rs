@@ -25,6 +25,8 @@ use crate::commands::image::{chain_text, human_size};
 pub const MONOLITHIC_LIMIT: u64 = 8 << 20;
 /// Larger blobs are uploaded in PATCH chunks of this size.
 pub const CHUNK_SIZE: u64 = 16 << 20;
+/// How many repositories a blob is offered to be mounted from before it is uploaded.
+const MOUNT_ATTEMPTS: usize = 3;
 /// How many blobs upload at once.
 const UPLOAD_THREADS: usize = 3;
 
@@ -53,8 +55,23 @@ pub fn push(
                     let Some(blob) = queue.lock().expect("not poisoned").pop_front() else {
                         return;
                     };
-                    let sources = mounts.get(&blob.digest).map_or(&[][..], Vec::as_slice);
-                    if let Err(error) = push_blob(store, &client, blob, sources) {
+                    // The repositories recorded as the blob's sources come first: the
+                    // registry is known to hold it there.
+                    let mut sources: Vec<String> = store
+                        .blob_sources(&blob.digest)
+                        .into_iter()
+                        .filter(|source| {
+                            source.registry == destination.registry()
+                                && source.repository != destination.repository()
+                        })
+                        .map(|source| source.repository)
+                        .collect();
+                    for repository in mounts.get(&blob.digest).into_iter().flatten() {
+                        if !sources.contains(repository) {
+                            sources.push(repository.clone());
+                        }
+                    }
+                    if let Err(error) = push_blob(store, &client, blob, &sources) {
                         failure.lock().expect("not poisoned").get_or_insert(error);
                         return;
                     }
@@ -155,7 +172,7 @@ fn push_blob(
         return Ok(());
     }
     let mut session = None;
-    if let Some(from) = mount_from.first() {
+    for from in mount_from.iter().take(MOUNT_ATTEMPTS) {
         let action = format!("mounting blob {} from {from}", blob.digest);
         let url = client.url(&format!("blobs/uploads/?mount={}&from={from}", blob.digest));
         let response = client.send_retrying(
@@ -170,6 +187,11 @@ fn push_blob(
             return Ok(());
         }
         session = Some(location(client, &response, &action)?);
+    }
+    // A blob the store only names (a layer of a lazily pulled base or of an imported cache)
+    // that no mount brought over is fetched from its source now.
+    if !store.content().contains(&blob.digest) {
+        super::pull::fetch_missing(store, std::slice::from_ref(blob))?;
     }
     let location = match session {
         Some(location) => location,

@@ -159,10 +159,7 @@ impl Solver {
                 }
             }
             Input::Image(reference) => {
-                let images = crate::resolver::StoreImages::new(Some(&self.store));
-                let image = images.lookup(reference).ok_or_else(|| {
-                    self.step_error(step, format!("image {reference} is not in the store"))
-                })?;
+                let image = self.input_image(step, reference)?;
                 CopyInputs {
                     stages: vec![image.target.digest.clone()],
                     ..CopyInputs::default()
@@ -405,13 +402,8 @@ impl Solver {
                 let view = match &copy.input {
                     Input::Stage(index) => self.view(&self.result_of(*index).layers)?,
                     Input::Image(reference) => {
-                        let images = crate::resolver::StoreImages::new(Some(&self.store));
-                        let image = images.lookup(reference).ok_or_else(|| {
-                            self.step_error(step, format!("image {reference} is not in the store"))
-                        })?;
-                        let mut directories = snapshot::prepare_image(&self.store, &image)?;
-                        directories.reverse();
-                        LayerView::new(directories)
+                        let image = self.input_image(step, reference)?;
+                        LayerView::new(self.image_directories(&image)?)
                     }
                     Input::Context => unreachable!(),
                 };

@@ -206,8 +206,8 @@ pub fn solve(
 ) -> Result<BuildResult, SolveError> {
     let (solver, reports) = schedule(store, graph, dockerfile_name, context, ignore, options)?;
     let built = solver.result_of(graph.target_stage().index);
-    // The image must be whole in the store, whatever came from an imported cache.
-    solver.ensure_local(&built.layers)?;
+    // Every layer the image names must be in the store or fetchable from a known registry.
+    solver.keep_reachable(&built.layers)?;
     let (image, config_digest) = solver.write_image(built)?;
     for export in &options.cache_to {
         solver.export_cache(export)?;
@@ -432,6 +432,43 @@ impl Solver {
             StageState::Done(built) => (**built).clone(),
             _ => panic!("stage {index} is used before it is built"),
         }
+    }
+
+    /// The image `reference` names for a `COPY --from` or `--mount from=` of `step`: the
+    /// store's, or pulled lazily (manifest and config) when the store lacks it, except in a
+    /// dry run.
+    fn input_image(&self, step: &Step, reference: &str) -> Result<rbuild_cache::Image, SolveError> {
+        let images = crate::resolver::StoreImages::new(Some(&self.store));
+        if let Some(image) = images.lookup(reference) {
+            return Ok(image);
+        }
+        if self.options.dry_run {
+            return Err(self.step_error(step, format!("image {reference} is not in the store")));
+        }
+        let parsed = Reference::parse(reference).map_err(|error| self.step_error(step, error))?;
+        let platform = &self.graph.target_stage().platform;
+        crate::registry::pull_lazily(&self.store, &parsed, platform).map_err(|error| {
+            self.step_error(
+                step,
+                format!(
+                    "image {reference} is not in the store, and pulling it failed: {}",
+                    crate::commands::image::chain_text(&error)
+                ),
+            )
+        })?;
+        images
+            .lookup(reference)
+            .ok_or_else(|| self.step_error(step, format!("image {reference} is not in the store")))
+    }
+
+    /// The snapshot directories of an image's layers, topmost first, fetching the layers it
+    /// needs from their registry.
+    fn image_directories(&self, image: &rbuild_cache::Image) -> Result<Vec<PathBuf>, SolveError> {
+        let layers: Vec<LayerRecord> = snapshot::layers_with_diff_ids(image)?
+            .into_iter()
+            .map(|(target, diff_id)| LayerRecord { target, diff_id })
+            .collect();
+        self.snapshot_directories(&layers)
     }
 
     fn step_error(&self, step: &Step, problem: impl std::fmt::Display) -> SolveError {
@@ -875,7 +912,19 @@ impl Solver {
 
     /// The snapshot directories of `layers`, topmost first (overlayfs's lowerdir order).
     fn snapshot_directories(&self, layers: &[LayerRecord]) -> Result<Vec<PathBuf>, SolveError> {
-        self.ensure_local(layers)?;
+        // A layer unpacked before needs no blob.
+        let unpacked = |layer: &&LayerRecord| {
+            self.store
+                .snapshots_directory()
+                .join(layer.diff_id.hex())
+                .is_dir()
+        };
+        let needed: Vec<LayerRecord> = layers
+            .iter()
+            .filter(|layer| !unpacked(layer))
+            .cloned()
+            .collect();
+        self.ensure_local(&needed)?;
         let mut directories = layers
             .iter()
             .map(|layer| snapshot::prepare(&self.store, &layer.target, &layer.diff_id))

@@ -136,10 +136,7 @@ impl Solver {
                 self.result_of(*index).fs_key,
             )),
             Input::Image(reference) => {
-                let images = crate::resolver::StoreImages::new(Some(&self.store));
-                let image = images.lookup(reference).ok_or_else(|| {
-                    self.step_error(step, format!("image {reference} is not in the store"))
-                })?;
+                let image = self.input_image(step, reference)?;
                 Ok((reference.clone(), image.target.digest.clone()))
             }
             Input::Context => Ok(("context".to_string(), Digest::of(b"context"))),
@@ -151,13 +148,8 @@ impl Solver {
         match input {
             Input::Stage(index) => self.snapshot_directories(&self.result_of(*index).layers),
             Input::Image(reference) => {
-                let images = crate::resolver::StoreImages::new(Some(&self.store));
-                let image = images.lookup(reference).ok_or_else(|| {
-                    self.step_error(step, format!("image {reference} is not in the store"))
-                })?;
-                let mut directories = snapshot::prepare_image(&self.store, &image)?;
-                directories.reverse();
-                Ok(directories)
+                let image = self.input_image(step, reference)?;
+                self.image_directories(&image)
             }
             Input::Context => Ok(vec![self.context.clone()]),
         }

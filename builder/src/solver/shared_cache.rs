@@ -7,13 +7,16 @@
 //! exports the steps of the result's stages, `mode=max` those of every stage.
 //!
 //! `--cache-from` reads such a manifest and its config, nothing more: a step whose key is
-//! there is a cache hit without running, and its layer is downloaded only when something
-//! needs it, a later step that runs on top of it or the final image. A multi-stage build
-//! whose result copies from a cached stage never downloads that stage's layers. A cache that
+//! there is a cache hit without running, and its layer is downloaded only when a later step
+//! that runs needs its files. The result image names the cache's layers without holding
+//! them: the cache repository is recorded as their source (`rbuild_cache::sources`), so a
+//! push to that registry mounts them and `rbuild run` or an export fetches them then. (A
+//! cache in a local directory is copied in instead: the directory may not stay.) A cache that
 //! cannot be read is a warning, not a failure, as in BuildKit.
 
 use std::collections::{BTreeSet, HashMap};
 
+use rbuild_cache::BlobSource;
 use rbuild_cache::store::OCI_MANIFEST;
 
 use super::*;
@@ -27,7 +30,7 @@ const RECORDS_KEY: &str = "rbuild.cache.v1";
 
 /// Where the blobs of an imported cache come from.
 enum Source {
-    Registry(Box<Client>),
+    Registry(Box<Client>, BlobSource),
     Local(PathBuf),
 }
 
@@ -74,13 +77,21 @@ impl ImportedCache {
         self.records.get(key)
     }
 
+    /// The registry repository of the imported cache that names `digest`, if it is one.
+    fn registry_source(&self, digest: &Digest) -> Option<&BlobSource> {
+        match &self.sources[*self.blobs.get(digest)?] {
+            Source::Registry(_, source) => Some(source),
+            Source::Local(_) => None,
+        }
+    }
+
     /// Fetches the blob of `layer` into the store, verified, from the cache that named it.
     fn fetch(&self, store: &Store, layer: &LayerRecord) -> Result<bool, String> {
         let Some(&index) = self.blobs.get(&layer.target.digest) else {
             return Ok(false);
         };
         match &self.sources[index] {
-            Source::Registry(client) => {
+            Source::Registry(client, _) => {
                 crate::registry::pull::download(store, client, &layer.target)
                     .map_err(|error| crate::commands::image::chain_text(&error))?;
             }
@@ -134,7 +145,11 @@ fn read_location(store: &Store, location: &CacheLocation) -> Result<(Source, Rec
                 .read_bytes(&config.digest, rbuild_cache::store::MAX_CONFIG_SIZE)
                 .map_err(|error| crate::commands::image::chain_text(&error))?;
             let records = records(&manifest, &config_bytes)?;
-            Ok((Source::Registry(Box::new(client)), records))
+            let source = BlobSource {
+                registry: reference.registry().to_string(),
+                repository: reference.repository().to_string(),
+            };
+            Ok((Source::Registry(Box::new(client), source), records))
         }
         CacheLocation::Local { directory } => {
             let index_path = directory.join("index.json");
@@ -232,8 +247,10 @@ fn records(manifest: &[u8], config: &[u8]) -> Result<Records, String> {
 
 impl Solver {
     /// Makes sure the blobs of `layers` are in the store, fetching those an imported cache
-    /// named; a blob neither has is an error.
+    /// named, and then those with a recorded source (a lazily pulled base image's); a blob
+    /// none of them has is an error.
     pub(super) fn ensure_local(&self, layers: &[LayerRecord]) -> Result<(), SolveError> {
+        let mut elsewhere = Vec::new();
         for layer in layers {
             if self.store.content().contains(&layer.target.digest) {
                 continue;
@@ -248,12 +265,36 @@ impl Solver {
                         ),
                     })?;
             if !fetched {
-                return Err(SolveError::Step {
-                    message: format!("layer {} is missing from the store", layer.target.digest),
-                });
+                elsewhere.push(layer.target.clone());
             }
         }
-        Ok(())
+        crate::registry::fetch_missing(&self.store, &elsewhere).map_err(|error| {
+            SolveError::Step {
+                message: format!(
+                    "fetching layers: {}",
+                    crate::commands::image::chain_text(&error)
+                ),
+            }
+        })
+    }
+
+    /// Makes sure every layer of `layers` is in the store or has a source recorded there, so
+    /// an image record may name it: a layer from a registry cache gets that repository as its
+    /// source, one from a cache directory is copied in.
+    pub(super) fn keep_reachable(&self, layers: &[LayerRecord]) -> Result<(), SolveError> {
+        let mut fetch = Vec::new();
+        for layer in layers {
+            let digest = &layer.target.digest;
+            if self.store.content().contains(digest) {
+                continue;
+            }
+            match self.imported.registry_source(digest) {
+                Some(source) => self.store.add_blob_source(digest, source)?,
+                None if self.store.blob_sources(digest).is_empty() => fetch.push(layer.clone()),
+                None => {}
+            }
+        }
+        self.ensure_local(&fetch)
     }
 
     /// Writes the cache records of this build to `export`.
@@ -289,7 +330,11 @@ impl Solver {
             });
             entries.push(json!({"key": key.to_string(), "layer": index}));
         }
-        self.ensure_local(&layers)?;
+        // A registry push mounts or fetches what the store lacks; a directory needs the bytes.
+        match &export.location {
+            CacheLocation::Registry { .. } => self.keep_reachable(&layers)?,
+            CacheLocation::Local { .. } => self.ensure_local(&layers)?,
+        }
         let config = json!({
             "architecture": self.graph.stages.last().map_or("amd64".to_string(), |stage| stage.platform.architecture.clone()),
             "os": "linux",
