@@ -471,6 +471,16 @@ impl Solver {
         self.snapshot_directories(&layers)
     }
 
+    /// `error` naming the Dockerfile line of `step`, unless it names one already (or is a
+    /// cancellation).
+    fn located(&self, step: &Step, error: SolveError) -> SolveError {
+        match &error {
+            SolveError::Cancelled => error,
+            SolveError::Step { message } if message.starts_with(&self.dockerfile_name) => error,
+            _ => self.step_error(step, crate::commands::image::chain_text(&error)),
+        }
+    }
+
     fn step_error(&self, step: &Step, problem: impl std::fmt::Display) -> SolveError {
         SolveError::Step {
             message: format!(
@@ -576,7 +586,9 @@ impl Solver {
             let (returned, outcome) = self
                 .blocking(move |solver| {
                     let step = &solver.graph.stages[position].steps[step_index];
-                    let outcome = solver.step(step, &mut built, id);
+                    let outcome = solver.step(step, &mut built, id).map_err(|error| {
+                        solver.located(step, error)
+                    });
                     (built, outcome)
                 })
                 .await;
