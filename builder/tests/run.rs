@@ -118,12 +118,23 @@ fn exit_codes_and_errors_are_docker_s() {
         "{}",
         text(&missing.stderr)
     );
-    let no_image = rbuild(&root, &["run", "--rm", "nothing-here", "true"]);
+    // An image the store lacks is pulled, as `docker run` does; here from a loopback port
+    // where nothing listens (a test never reaches past this machine).
+    let no_image = rbuild(&root, &["run", "--rm", "127.0.0.1:9/nothing-here", "true"]);
     assert_eq!(no_image.status.code(), Some(1));
+    let stderr = text(&no_image.stderr);
     assert!(
-        text(&no_image.stderr).contains("no such image: nothing-here"),
+        stderr.contains("image 127.0.0.1:9/nothing-here is not in the store: pulling it"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("127.0.0.1:9/nothing-here:latest"), "{stderr}");
+    // A name that is no reference is not pulled.
+    let bad_name = rbuild(&root, &["run", "--rm", "Nothing-Here", "true"]);
+    assert_eq!(bad_name.status.code(), Some(1));
+    assert!(
+        text(&bad_name.stderr).contains("no such image: Nothing-Here"),
         "{}",
-        text(&no_image.stderr)
+        text(&bad_name.stderr)
     );
     let bad_volume = rbuild(
         &root,
