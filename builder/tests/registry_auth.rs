@@ -198,6 +198,36 @@ fn harness_dropping_proxy_cuts_the_first_upload_only() {
     );
 }
 
+#[test]
+fn harness_dropping_proxy_cuts_before_the_second_request_of_a_connection_once() {
+    let registry = Registry::open();
+    let proxy = DroppingProxy::cut_before(&registry.address(), b"GET ", 2);
+    let address = proxy.address();
+    // Two requests on one keep-alive connection: the first is answered, the second never
+    // reaches the registry and the connection ends.
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    let request = format!("GET /v2/ HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let _ = stream.write_all(request.as_bytes());
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert_eq!(
+        String::from_utf8_lossy(&rest).matches("HTTP/1.1").count(),
+        0,
+        "no second response: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert_eq!(proxy.drops(), 1);
+    // Later requests pass.
+    let again = raw_get(&address, "/v2/");
+    assert!(again.starts_with(b"HTTP/1.0 200"), "{again:?}");
+    assert!(raw_get(&address, "/v2/").starts_with(b"HTTP/1.0 200"));
+    assert_eq!(proxy.drops(), 1);
+}
+
 // --- rbuild login and logout ---
 
 /// `rbuild ARGUMENTS...` with `DOCKER_CONFIG` (never the real home) and `stdin` as input.
