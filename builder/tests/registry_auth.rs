@@ -468,7 +468,7 @@ fn authorized(
         .send()
         .expect("the registry answers")
     };
-    let response = send(authenticator.header(scope));
+    let response = send(authenticator.header(&[scope]));
     if response.status() != reqwest::StatusCode::UNAUTHORIZED {
         return Ok(response.status());
     }
@@ -479,7 +479,7 @@ fn authorized(
         .to_str()
         .unwrap()
         .to_string();
-    let header = authenticator.answer(http, &challenge, scope)?;
+    let header = authenticator.answer(http, &challenge, &[scope])?;
     Ok(send(Some(header)).status())
 }
 
@@ -526,7 +526,7 @@ fn authenticator_gets_tokens_the_registry_accepts_and_reuses_them_per_scope() {
 
     // Cached: the same scope, and a pull of the same repository, need no new token.
     for scope in [push_scope, "repository:team/app:pull"] {
-        assert!(authenticator.header(scope).is_some(), "{scope}");
+        assert!(authenticator.header(&[scope]).is_some(), "{scope}");
         let status = authorized(
             &http,
             &authenticator,
@@ -540,7 +540,11 @@ fn authenticator_gets_tokens_the_registry_accepts_and_reuses_them_per_scope() {
     assert_eq!(registry.tokens_issued(), 2);
 
     // Another repository is another scope: a new token.
-    assert!(authenticator.header("repository:team/other:pull").is_none());
+    assert!(
+        authenticator
+            .header(&["repository:team/other:pull"])
+            .is_none()
+    );
     let status = authorized(
         &http,
         &authenticator,
@@ -574,7 +578,7 @@ fn authenticator_is_shared_by_threads() {
             });
         }
     });
-    assert!(authenticator.header("repository:shared:pull").is_some());
+    assert!(authenticator.header(&["repository:shared:pull"]).is_some());
 }
 
 #[test]
@@ -620,7 +624,7 @@ fn authenticator_anonymous_gets_no_access_and_a_wrong_password_is_refused() {
             .contains("refused the credentials of alice"),
         "{error}"
     );
-    assert!(wrong.header("repository:team/app:pull").is_none());
+    assert!(wrong.header(&["repository:team/app:pull"]).is_none());
 }
 
 #[test]
@@ -689,7 +693,7 @@ fn authenticator_answers_htpasswd_with_basic_credentials_from_the_docker_config(
     .unwrap();
     assert_eq!(status, reqwest::StatusCode::OK);
     // From now on every request carries the credentials without a 401 first.
-    let header = authenticator.header("repository:any:pull").unwrap();
+    let header = authenticator.header(&["repository:any:pull"]).unwrap();
     let status = http
         .get(&catalog)
         .header(reqwest::header::AUTHORIZATION, header)
@@ -711,4 +715,81 @@ fn authenticator_answers_htpasswd_with_basic_credentials_from_the_docker_config(
         matches!(error, AuthError::CredentialsNeeded { .. }),
         "{error}"
     );
+}
+
+// --- cross-repository mounts under token auth ---
+
+#[test]
+fn a_push_to_another_repository_mounts_every_blob_with_a_token_for_both_repositories() {
+    let directory = TempDirectory::new("mount-token");
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let docker_config = docker_config(
+        &directory.join("docker"),
+        &registry.address(),
+        "alice",
+        "wonderland",
+    );
+    let root = directory.join("root");
+    let root_text = root.to_str().unwrap();
+    let one = format!("{}/a/one:v1", registry.address());
+    let two = format!("{}/b/two:v1", registry.address());
+    let digest = import_busybox(&root, &one);
+
+    let output = rbuild_with_config(&docker_config, &["--root", root_text, "push", &one], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    assert_eq!(stderr.matches("pushing sha256:").count(), 2, "{stderr}");
+
+    // The root knows a/one holds the blobs: b/two mounts them all and uploads nothing.
+    succeeds(rbuild(&root, &["tag", &one, &two]));
+    let before = registry.token_scopes().len();
+    let output = rbuild_with_config(&docker_config, &["--root", root_text, "push", &two], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    assert_eq!(
+        stderr.matches("mounted sha256:").count(),
+        2,
+        "config and layer are mounted: {stderr}"
+    );
+    assert!(stderr.contains("from a/one"), "{stderr}");
+    assert!(!stderr.contains("pushing"), "{stderr}");
+
+    // The mounts' token was asked for with both scopes in one request (by each upload thread
+    // that needed it before another had it cached); the other requests asked for b/two's
+    // push scope alone, as before.
+    let requests = registry.token_scopes()[before..].to_vec();
+    let push = vec!["repository:b/two:pull,push".to_string()];
+    let mount = vec![
+        "repository:a/one:pull".to_string(),
+        "repository:b/two:pull,push".to_string(),
+    ];
+    assert!(requests.contains(&mount), "{requests:?}");
+    assert!(requests.contains(&push), "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|scopes| *scopes == push || *scopes == mount),
+        "{requests:?}"
+    );
+    assert_eq!(
+        skopeo_layers(&two, &["--creds", "alice:wonderland"]),
+        skopeo_layers(&one, &["--creds", "alice:wonderland"])
+    );
+
+    // Credentials that may not read the sources: the registry refuses the mounts (401), and
+    // the blobs are uploaded instead.
+    registry.deny_repository("a/one");
+    registry.deny_repository("b/two");
+    let three = format!("{}/c/three:v1", registry.address());
+    succeeds(rbuild(&root, &["tag", &one, &three]));
+    let output = rbuild_with_config(&docker_config, &["--root", root_text, "push", &three], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    assert_eq!(
+        stderr.matches("cannot mount sha256:").count(),
+        2,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("pushing sha256:").count(), 2, "{stderr}");
+    assert!(!stderr.contains("mounted"), "{stderr}");
 }

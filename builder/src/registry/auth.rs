@@ -2,7 +2,9 @@
 //! `WWW-Authenticate` challenges.
 //!
 //! The seam the distribution client uses: an [`Authenticator`] per registry host gives the
-//! `Authorization` header to send for a scope, and answers a 401 with a new one.
+//! `Authorization` header to send for a list of scopes, and answers a 401 with a new one. Most
+//! requests need one scope (`repository:NAME:pull,push`); a cross-repository mount needs the
+//! source's too (`repository:SOURCE:pull`), asked for in the same token request.
 //!
 //! Bearer tokens follow distribution's token protocol
 //! (<https://distribution.github.io/distribution/spec/auth/token/>): a GET on the realm the
@@ -336,12 +338,12 @@ struct CachedToken {
 struct State {
     /// The registry answered with a Basic challenge: send the credentials with every request.
     basic: bool,
-    /// Bearer headers by scope.
-    tokens: HashMap<String, CachedToken>,
+    /// Bearer headers by the scopes they were asked for (sorted, without duplicates).
+    tokens: HashMap<Vec<String>, CachedToken>,
 }
 
 /// Authorization for one registry host (`127.0.0.1:5000`, `docker.io`, ...). Shared by the
-/// threads of one pull or push: the tokens are cached per scope behind a mutex.
+/// threads of one pull or push: the tokens are cached per list of scopes behind a mutex.
 #[derive(Debug)]
 pub struct Authenticator {
     host: String,
@@ -354,6 +356,30 @@ struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
     expires_in: Option<u64>,
+}
+
+/// The cache key of a list of scopes: sorted, without duplicates or empty ones.
+fn scope_key(scopes: &[&str]) -> Vec<String> {
+    let mut key: Vec<String> = scopes
+        .iter()
+        .filter(|scope| !scope.is_empty())
+        .map(|scope| scope.to_string())
+        .collect();
+    key.sort();
+    key.dedup();
+    key
+}
+
+/// Whether a token asked for with the scopes `cached` also serves every scope of `wanted`
+/// (each covered by one of them, [`scope_covers`]). An empty `wanted` is served by an
+/// empty `cached` only: the token of a request without scope (`GET /v2/`).
+fn scopes_cover(cached: &[String], wanted: &[String]) -> bool {
+    if wanted.is_empty() {
+        return cached.is_empty();
+    }
+    wanted
+        .iter()
+        .all(|wanted| cached.iter().any(|cached| scope_covers(cached, wanted)))
 }
 
 /// Whether a token for `cached` (`repository:NAME:pull,push`) also serves `wanted`
@@ -407,15 +433,17 @@ impl Authenticator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The `Authorization` header value to send for `scope` (`repository:NAME:pull` or
-    /// `repository:NAME:pull,push`), when one is already known (a cached token).
-    pub fn header(&self, scope: &str) -> Option<String> {
+    /// The `Authorization` header value to send for `scopes` (`repository:NAME:pull`,
+    /// `repository:NAME:pull,push`, ...), when one is already known: a cached token asked
+    /// for with exactly these scopes, else one whose scopes cover them all.
+    pub fn header(&self, scopes: &[&str]) -> Option<String> {
         let state = self.state();
         if state.basic {
             return self.credentials.as_ref().map(Credentials::basic_header);
         }
         let now = Instant::now();
-        if let Some(token) = state.tokens.get(scope)
+        let wanted = scope_key(scopes);
+        if let Some(token) = state.tokens.get(&wanted)
             && token.expires > now
         {
             return Some(token.header.clone());
@@ -423,18 +451,19 @@ impl Authenticator {
         state
             .tokens
             .iter()
-            .find(|(cached, token)| token.expires > now && scope_covers(cached, scope))
+            .find(|(cached, token)| token.expires > now && scopes_cover(cached, &wanted))
             .map(|(_, token)| token.header.clone())
     }
 
     /// Answers a 401: `challenge` is the response's `WWW-Authenticate` value. Returns the
     /// `Authorization` header value to retry with, fetching a token when the challenge is
-    /// Bearer. An empty `scope` takes the challenge's own (none for `GET /v2/`).
+    /// Bearer, for all of `scopes` in one token. No scopes take the challenge's own (none for
+    /// `GET /v2/`; several are separated by spaces).
     pub fn answer(
         &self,
         http: &reqwest::blocking::Client,
         challenge: &str,
-        scope: &str,
+        scopes: &[&str],
     ) -> Result<String, AuthError> {
         let challenges = parse_challenges(challenge);
         let unsupported = || AuthError::Unsupported {
@@ -442,10 +471,11 @@ impl Authenticator {
             challenge: challenge.to_string(),
         };
         if let Some(bearer) = challenges.iter().find(|each| each.scheme == "bearer") {
-            let scope = if scope.is_empty() {
-                bearer.parameter("scope").unwrap_or("")
+            let scopes = if scope_key(scopes).is_empty() {
+                let announced = bearer.parameter("scope").unwrap_or("");
+                scope_key(&announced.split_whitespace().collect::<Vec<_>>())
             } else {
-                scope
+                scope_key(scopes)
             };
             let realm = bearer
                 .parameter("realm")
@@ -456,9 +486,9 @@ impl Authenticator {
                     challenge: challenge.to_string(),
                 })?;
             let (header, lifetime) =
-                self.fetch_token(http, realm, bearer.parameter("service"), scope)?;
+                self.fetch_token(http, realm, bearer.parameter("service"), &scopes)?;
             self.state().tokens.insert(
-                scope.to_string(),
+                scopes,
                 CachedToken {
                     header: header.clone(),
                     // Expire a little early so a token is not sent as it runs out.
@@ -481,14 +511,17 @@ impl Authenticator {
         Err(unsupported())
     }
 
-    /// A token from the realm: `(Authorization header, lifetime)`.
+    /// A token from the realm for all of `scopes`: `(Authorization header, lifetime)`. A GET
+    /// repeats the `scope` parameter, one per scope (the token spec's "may be specified
+    /// multiple times"); the OAuth2 form has one, the scopes separated by spaces.
     fn fetch_token(
         &self,
         http: &reqwest::blocking::Client,
         mut realm: reqwest::Url,
         service: Option<&str>,
-        scope: &str,
+        scopes: &[String],
     ) -> Result<(String, Duration), AuthError> {
+        let joined = scopes.join(" ");
         let realm_text = realm.to_string();
         // Credentials go only to a realm reached over TLS, or on this machine; elsewhere rbuild
         // asks anonymously rather than send a password in clear text.
@@ -507,8 +540,8 @@ impl Authenticator {
                 if let Some(service) = service {
                     form.push(("service", service));
                 }
-                if !scope.is_empty() {
-                    form.push(("scope", scope));
+                if !joined.is_empty() {
+                    form.push(("scope", joined.as_str()));
                 }
                 let body = form
                     .iter()
@@ -528,7 +561,7 @@ impl Authenticator {
                     if let Some(service) = service {
                         query.append_pair("service", service);
                     }
-                    if !scope.is_empty() {
+                    for scope in scopes {
                         query.append_pair("scope", scope);
                     }
                 }
@@ -931,18 +964,18 @@ mod tests {
                 password: "pa:ss".to_string(),
             }),
         );
-        assert_eq!(authenticator.header("repository:x:pull"), None);
+        assert_eq!(authenticator.header(&["repository:x:pull"]), None);
         let http = reqwest::blocking::Client::new();
         let header = authenticator
             .answer(
                 &http,
                 r#"Basic realm="Registry Realm""#,
-                "repository:x:pull",
+                &["repository:x:pull"],
             )
             .unwrap();
         assert_eq!(header, format!("Basic {}", STANDARD.encode("user:pa:ss")));
         assert_eq!(
-            authenticator.header("repository:y:push").as_deref(),
+            authenticator.header(&["repository:y:push"]).as_deref(),
             Some(header.as_str())
         );
     }
@@ -952,7 +985,7 @@ mod tests {
         let authenticator = Authenticator::new("registry.example", None);
         let http = reqwest::blocking::Client::new();
         let error = authenticator
-            .answer(&http, r#"Basic realm="x""#, "")
+            .answer(&http, r#"Basic realm="x""#, &[])
             .unwrap_err();
         assert_eq!(
             error.to_string(),
@@ -965,15 +998,15 @@ mod tests {
         let authenticator = Authenticator::new("registry.example", None);
         let http = reqwest::blocking::Client::new();
         assert!(matches!(
-            authenticator.answer(&http, "Negotiate abc", ""),
+            authenticator.answer(&http, "Negotiate abc", &[]),
             Err(AuthError::Unsupported { .. })
         ));
         assert!(matches!(
-            authenticator.answer(&http, r#"Bearer realm="file:///etc/passwd""#, ""),
+            authenticator.answer(&http, r#"Bearer realm="file:///etc/passwd""#, &[]),
             Err(AuthError::InvalidRealm { .. })
         ));
         assert!(matches!(
-            authenticator.answer(&http, r#"Bearer service="x""#, ""),
+            authenticator.answer(&http, r#"Bearer service="x""#, &[]),
             Err(AuthError::InvalidRealm { .. })
         ));
     }
@@ -999,6 +1032,27 @@ mod tests {
             "repository:a/c:pull,push",
             "repository:a/b:pull"
         ));
+    }
+
+    #[test]
+    fn a_token_for_several_scopes_serves_each_and_is_keyed_by_all() {
+        assert_eq!(
+            scope_key(&[
+                "repository:b:pull,push",
+                "repository:a:pull",
+                "repository:a:pull"
+            ]),
+            vec!["repository:a:pull", "repository:b:pull,push"]
+        );
+        let mount = scope_key(&["repository:b:pull,push", "repository:a:pull"]);
+        assert!(scopes_cover(&mount, &scope_key(&["repository:b:pull"])));
+        assert!(scopes_cover(&mount, &scope_key(&["repository:a:pull"])));
+        assert!(scopes_cover(&mount, &mount));
+        assert!(!scopes_cover(&mount, &scope_key(&["repository:a:push"])));
+        let push = scope_key(&["repository:b:pull,push"]);
+        assert!(!scopes_cover(&push, &mount), "a mount needs the source too");
+        assert!(!scopes_cover(&push, &[]));
+        assert!(scopes_cover(&[], &[]));
     }
 
     #[test]

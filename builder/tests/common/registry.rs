@@ -14,8 +14,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -64,7 +64,8 @@ impl Registry {
     }
 
     /// A registry that wants Bearer tokens from a token server in this process, which gives
-    /// `user`/`password` pull and push on every repository (and the catalog).
+    /// `user`/`password` every action asked for on every repository (and the catalog) but those
+    /// [`Registry::deny_repository`] names.
     pub fn with_token_auth(user: &str, password: &str) -> Registry {
         let token_server = TokenServer::start(user, password);
         let auth = format!(
@@ -184,6 +185,27 @@ impl Registry {
             .map_or(0, |server| server.state.refused.load(Ordering::SeqCst))
     }
 
+    /// The scopes each token request asked for (each `scope` parameter, split at spaces), in
+    /// order of arrival; empty without token auth.
+    pub fn token_scopes(&self) -> Vec<Vec<String>> {
+        self.token_server.as_ref().map_or_else(Vec::new, |server| {
+            server.state.scopes.lock().expect("not poisoned").clone()
+        })
+    }
+
+    /// From now on the token server leaves `repository` out of the user's tokens (as a token
+    /// server does for a repository the user may not read).
+    pub fn deny_repository(&self, repository: &str) {
+        if let Some(server) = &self.token_server {
+            server
+                .state
+                .denied
+                .lock()
+                .expect("not poisoned")
+                .push(repository.to_string());
+        }
+    }
+
     /// The identity (refresh) token the token server takes for the user in an OAuth2
     /// `refresh_token` grant, when the registry uses token auth.
     pub fn refresh_token(&self) -> Option<String> {
@@ -262,6 +284,10 @@ struct TokenState {
     certificate_der: Vec<u8>,
     issued: AtomicUsize,
     refused: AtomicUsize,
+    /// The scopes of every token request, in order of arrival (one list per request).
+    scopes: Mutex<Vec<Vec<String>>>,
+    /// Repositories the user gets no access to.
+    denied: Mutex<Vec<String>>,
     stop: AtomicBool,
 }
 
@@ -297,6 +323,8 @@ impl TokenServer {
             certificate_der: certificate.der().to_vec(),
             issued: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            scopes: Mutex::new(Vec::new()),
+            denied: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
@@ -486,6 +514,20 @@ fn serve_token_connection(stream: TcpStream, state: &TokenState) {
             .map(|(_, value)| value.clone())
     };
     let service = parameter("service").unwrap_or_default();
+    // Several `scope` parameters, or several scopes in one separated by spaces (the OAuth2
+    // form), ask for all of them.
+    let scopes: Vec<String> = parameters
+        .iter()
+        .filter(|(key, _)| key == "scope")
+        .flat_map(|(_, scope)| scope.split(' '))
+        .filter(|scope| !scope.is_empty())
+        .map(str::to_string)
+        .collect();
+    state
+        .scopes
+        .lock()
+        .expect("not poisoned")
+        .push(scopes.clone());
     let user = match credentials {
         Some((user, password)) if user == state.user && password == state.password => Some(user),
         Some(_) => {
@@ -502,15 +544,19 @@ fn serve_token_connection(stream: TcpStream, state: &TokenState) {
         // read; the registry then answers 401 insufficient_scope.
         None => None,
     };
+    let denied = state.denied.lock().expect("not poisoned").clone();
     let access: Vec<serde_json::Value> = match &user {
         None => Vec::new(),
-        Some(_) => parameters
+        // The user gets every action asked for on any repository not denied: pull and push on
+        // its own and on a mount's source alike.
+        Some(_) => scopes
             .iter()
-            .filter(|(key, _)| key == "scope")
-            .flat_map(|(_, scope)| scope.split(' '))
             .filter_map(|scope| {
                 let (kind, rest) = scope.split_once(':')?;
                 let (name, actions) = rest.rsplit_once(':')?;
+                if kind == "repository" && denied.iter().any(|denied| denied == name) {
+                    return None;
+                }
                 let actions: Vec<&str> = actions.split(',').collect();
                 Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
             })
