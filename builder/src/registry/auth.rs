@@ -1,6 +1,9 @@
 //! Registry authentication: credentials from the Docker config and answers to a registry's
 //! `WWW-Authenticate` challenges.
 //!
+//! Credentials come from the credential helper the Docker config names for a registry
+//! (`credHelpers`, else `credsStore`; see `helper`), else from its `auths` entries.
+//!
 //! The seam the distribution client uses: an [`Authenticator`] per registry host gives the
 //! `Authorization` header to send for a list of scopes, and answers a 401 with a new one. Most
 //! requests need one scope (`repository:NAME:pull,push`); a cross-repository mount needs the
@@ -22,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+
+use super::helper;
 
 /// The user name that marks [`Credentials::password`] as an identity token, as Docker's
 /// credential helpers do.
@@ -138,6 +143,64 @@ pub enum AuthError {
         realm: String,
         /// Where the answer came from.
         location: String,
+    },
+    /// The Docker config names a credential helper that is not a program name.
+    #[error("the Docker config {path}: {key}: {name:?} is not a credential helper name")]
+    HelperName {
+        /// The file.
+        path: PathBuf,
+        /// `credsStore` or `credHelpers.HOST`.
+        key: String,
+        /// The name.
+        name: String,
+    },
+    /// A credential helper could not be run.
+    #[error("cannot run the credential helper {program} ({verb}); is it on PATH?")]
+    HelperStart {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// `get`, `store` or `erase`.
+        verb: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential helper failed.
+    #[error(
+        "the credential helper {program} failed to {verb} the credentials of {server}: {message}"
+    )]
+    HelperFailed {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// `get`, `store` or `erase`.
+        verb: &'static str,
+        /// The server asked about.
+        server: String,
+        /// What it said (or how it exited).
+        message: String,
+    },
+    /// A credential helper's `get` answer is not the JSON of the protocol.
+    #[error(
+        "the credential helper {program} answered get for {server} with something that is not credentials JSON"
+    )]
+    HelperOutput {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// The server asked about.
+        server: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A credential helper's `get` answer lacks the user name or the secret.
+    #[error("the credential helper {program} answered get for {server} with an empty {field}")]
+    HelperEmpty {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// The server asked about.
+        server: String,
+        /// `Username` or `Secret`.
+        field: &'static str,
     },
     /// Neither `DOCKER_CONFIG` nor `HOME` is set.
     #[error("cannot find the Docker config: neither DOCKER_CONFIG nor HOME is set")]
@@ -757,10 +820,67 @@ fn entry_credentials(
     }
 }
 
+/// The credential helper the config names for `host`, in docker/cli's order
+/// (`configfile.getConfiguredCredentialStore`): `credHelpers` under the host's key, else
+/// `credsStore`; none when the file keeps the credentials itself (`auths`).
+pub fn helper_for(
+    config: &serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+    host: &str,
+) -> Result<Option<String>, AuthError> {
+    let named = |key: String, value: &serde_json::Value| match value {
+        serde_json::Value::String(name) if name.is_empty() => Ok(None),
+        serde_json::Value::String(name) if helper::is_valid_name(name) => Ok(Some(name.clone())),
+        serde_json::Value::String(name) => Err(AuthError::HelperName {
+            path: path.to_path_buf(),
+            key,
+            name: name.clone(),
+        }),
+        serde_json::Value::Null => Ok(None),
+        _ => Err(AuthError::ConfigEntry {
+            path: path.to_path_buf(),
+            key,
+            problem: "is not a string",
+        }),
+    };
+    match config.get("credHelpers") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(helpers)) => {
+            let wanted = normalize_server(host);
+            // The config key (`https://index.docker.io/v1/` for Docker Hub) or the host as
+            // written first, then any key naming the same registry.
+            let entry = helpers
+                .get_key_value(&config_key(host))
+                .or_else(|| helpers.get_key_value(host))
+                .or_else(|| {
+                    helpers
+                        .iter()
+                        .find(|(key, _)| normalize_server(key) == wanted)
+                });
+            if let Some((key, value)) = entry
+                && let Some(name) = named(format!("credHelpers.{key}"), value)?
+            {
+                return Ok(Some(name));
+            }
+        }
+        Some(_) => {
+            return Err(AuthError::ConfigEntry {
+                path: path.to_path_buf(),
+                key: "credHelpers".to_string(),
+                problem: "is not a JSON object",
+            });
+        }
+    }
+    match config.get("credsStore") {
+        Some(value) => named("credsStore".to_string(), value),
+        None => Ok(None),
+    }
+}
+
 /// The credentials the Docker config (`$DOCKER_CONFIG/config.json`, else
-/// `~/.docker/config.json`) holds for `host`, if any. Entries are keyed by host
-/// (`127.0.0.1:5000`) or by URL (`https://index.docker.io/v1/` for docker.io). Credential helpers
-/// (`credsStore`, `credHelpers`) are not run: a host they keep has no credentials here.
+/// `~/.docker/config.json`) gives for `host`, if any: from the credential helper it names for
+/// the host ([`helper_for`]), else from its `auths` entries, keyed by host (`127.0.0.1:5000`)
+/// or by URL (`https://index.docker.io/v1/` for docker.io).
 pub fn credentials_for(host: &str) -> Result<Option<Credentials>, AuthError> {
     credentials_in(&docker_config_path()?, host)
 }
@@ -768,6 +888,11 @@ pub fn credentials_for(host: &str) -> Result<Option<Credentials>, AuthError> {
 /// [`credentials_for`] in the config file at `path`.
 pub fn credentials_in(path: &Path, host: &str) -> Result<Option<Credentials>, AuthError> {
     let config = read_config(path)?;
+    if let Some(name) = helper_for(&config, path, host)? {
+        // As docker/cli's native store: the helper's answer, and nothing from `auths` when it
+        // has none (anonymous).
+        return helper::get(&name, &config_key(host));
+    }
     let Some(auths) = auths(&config, path)? else {
         return Ok(None);
     };
@@ -784,9 +909,11 @@ pub fn credentials_in(path: &Path, host: &str) -> Result<Option<Credentials>, Au
     }
 }
 
-/// Writes `credentials` for `server` into the config at `path` (`auths.KEY.auth`), keeping every
-/// other key of the file; replaces other keys naming the same registry. Temp file, fsync,
-/// rename; the file is 0600 and a new directory 0700.
+/// Keeps `credentials` for `server`: in the credential helper the config at `path` names for it
+/// (`store`), else in the file (`auths.KEY.auth`). Either way the file keeps every other key,
+/// and its entries naming the same registry are replaced, by `{}` when a helper keeps the
+/// credentials (as docker/cli writes). Temp file, fsync, rename; the file is 0600 and a new
+/// directory 0700.
 pub fn store_credentials(
     path: &Path,
     server: &str,
@@ -794,6 +921,10 @@ pub fn store_credentials(
 ) -> Result<(), AuthError> {
     let mut config = read_config(path)?;
     auths(&config, path)?;
+    let helper = helper_for(&config, path, server)?;
+    if let Some(name) = &helper {
+        helper::store(name, &config_key(server), credentials)?;
+    }
     let wanted = normalize_server(server);
     let auths = config
         .entry("auths")
@@ -805,19 +936,25 @@ pub fn store_credentials(
         unreachable!("checked above: auths is an object or absent");
     };
     auths.retain(|key, _| normalize_server(key) != wanted);
-    auths.insert(
-        config_key(server),
-        serde_json::json!({
+    let entry = match helper {
+        Some(_) => serde_json::json!({}),
+        None => serde_json::json!({
             "auth": STANDARD.encode(format!("{}:{}", credentials.username, credentials.password))
         }),
-    );
+    };
+    auths.insert(config_key(server), entry);
     write_config(path, &config)
 }
 
-/// Removes every `auths` entry naming `server` from the config at `path`; returns whether there
-/// was one.
+/// Erases the credentials of `server` from the credential helper the config at `path` names for
+/// it, and removes every `auths` entry naming `server` from the file; returns whether there was
+/// something to remove.
 pub fn remove_credentials(path: &Path, server: &str) -> Result<bool, AuthError> {
     let mut config = read_config(path)?;
+    let erased = match helper_for(&config, path, server)? {
+        Some(name) => helper::erase(&name, &config_key(server))?,
+        None => false,
+    };
     let wanted = normalize_server(server);
     let removed = match config.get_mut("auths") {
         Some(serde_json::Value::Object(auths)) => {
@@ -837,7 +974,7 @@ pub fn remove_credentials(path: &Path, server: &str) -> Result<bool, AuthError> 
     if removed {
         write_config(path, &config)?;
     }
-    Ok(removed)
+    Ok(removed || erased)
 }
 
 fn write_config(
@@ -1132,7 +1269,6 @@ mod tests {
                     "token.example": {"auth": "", "identitytoken": "refresh-me"},
                     "helper.example": {},
                 },
-                "credsStore": "desktop",
             })
             .to_string(),
         );
@@ -1152,6 +1288,70 @@ mod tests {
         assert_eq!(token.password, "refresh-me");
         assert_eq!(credentials("helper.example"), None);
         assert_eq!(credentials("127.0.0.1:5001"), None);
+    }
+
+    #[test]
+    fn the_helper_for_a_host_is_its_cred_helper_else_the_creds_store() {
+        let path = Path::new("/nonexistent/config.json");
+        let config = |value: serde_json::Value| match value {
+            serde_json::Value::Object(object) => object,
+            _ => unreachable!(),
+        };
+        let both = config(serde_json::json!({
+            "credsStore": "desktop",
+            "credHelpers": {
+                "127.0.0.1:5000": "pass",
+                "https://index.docker.io/v1/": "hub",
+                "ECR.example:443": "ecr-login",
+                "unset.example": "",
+            },
+            "auths": {"127.0.0.1:5000": {"auth": STANDARD.encode("a:b")}},
+        }));
+        let helper = |config: &serde_json::Map<String, serde_json::Value>, host: &str| {
+            helper_for(config, path, host).unwrap()
+        };
+        assert_eq!(helper(&both, "127.0.0.1:5000").as_deref(), Some("pass"));
+        assert_eq!(helper(&both, "docker.io").as_deref(), Some("hub"));
+        assert_eq!(
+            helper(&both, "ecr.example:443").as_deref(),
+            Some("ecr-login")
+        );
+        assert_eq!(helper(&both, "other.example").as_deref(), Some("desktop"));
+        assert_eq!(helper(&both, "unset.example").as_deref(), Some("desktop"));
+        let only_helpers = config(serde_json::json!({"credHelpers": {"a.example": "pass"}}));
+        assert_eq!(helper(&only_helpers, "a.example").as_deref(), Some("pass"));
+        assert_eq!(helper(&only_helpers, "b.example"), None);
+        assert_eq!(
+            helper(&config(serde_json::json!({"credsStore": ""})), "a"),
+            None
+        );
+        assert_eq!(helper(&config(serde_json::json!({})), "a"), None);
+
+        let error = helper_for(
+            &config(serde_json::json!({"credsStore": "../../bin/sh"})),
+            path,
+            "a",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            r#"the Docker config /nonexistent/config.json: credsStore: "../../bin/sh" is not a credential helper name"#
+        );
+        let error = helper_for(&config(serde_json::json!({"credHelpers": []})), path, "a")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.ends_with("credHelpers: is not a JSON object"),
+            "{error}"
+        );
+        let error = helper_for(
+            &config(serde_json::json!({"credHelpers": {"a": 1}})),
+            path,
+            "a",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.ends_with("credHelpers.a: is not a string"), "{error}");
     }
 
     #[test]
