@@ -376,6 +376,43 @@ fn uploads_cut_in_the_middle_are_resumed_both_whole_and_chunked() {
 }
 
 #[test]
+fn a_chunked_upload_whose_connection_dies_before_a_patch_resumes_from_the_session_offset() {
+    let directory = TempDirectory::new("registry-upload-resume");
+    let registry = Registry::open();
+    let root = directory.join("root");
+
+    // About 40 MiB of incompressible bytes: PATCH chunks of 16, 16 and 8 MiB. The connection
+    // dies as the second PATCH starts, before any of it reaches the registry, so the session
+    // is intact and holds exactly the first chunk.
+    let tarball = directory.join("random.tar");
+    random_rootfs(&tarball, 40 << 20);
+    let proxy = DroppingProxy::cut_before(&registry.address(), b"PATCH ", 2);
+    let name = format!("{}/resumed:v1", proxy.address());
+    let digest = succeeds(rbuild(&root, &["import", tarball.to_str().unwrap(), &name]))
+        .trim()
+        .to_string();
+    let (pushed, stderr) = run_ok(&root, &["push", &name]);
+    assert_eq!(pushed.trim(), digest, "{stderr}");
+    assert_eq!(proxy.drops(), 1, "{stderr}");
+    assert!(stderr.contains("retrying sha256:"), "{stderr}");
+    assert!(stderr.contains(" from byte 16777216 "), "{stderr}");
+    assert!(!stderr.contains("in a new upload session"), "{stderr}");
+
+    // The registry holds the same image, whole: skopeo reads it, a fresh root pulls and
+    // verifies it.
+    let direct = format!("{}/resumed:v1", registry.address());
+    let seen = skopeo_inspect(&direct);
+    assert_eq!(seen["Digest"], digest.as_str());
+    let layers = layer_digests(&root, &name);
+    assert_eq!(seen["Layers"], serde_json::json!(layers));
+    let fresh = directory.join("fresh");
+    let (pulled, _) = run_ok(&fresh, &["pull", &direct]);
+    assert_eq!(pulled.trim(), digest);
+    run_ok(&fresh, &["verify"]);
+    assert_eq!(layer_digests(&fresh, &direct), layers);
+}
+
+#[test]
 fn a_blob_that_does_not_match_its_digest_is_rejected_and_not_stored() {
     let directory = TempDirectory::new("registry-corrupt");
     let registry = Registry::open();

@@ -198,6 +198,36 @@ fn harness_dropping_proxy_cuts_the_first_upload_only() {
     );
 }
 
+#[test]
+fn harness_dropping_proxy_cuts_before_the_second_request_of_a_connection_once() {
+    let registry = Registry::open();
+    let proxy = DroppingProxy::cut_before(&registry.address(), b"GET ", 2);
+    let address = proxy.address();
+    // Two requests on one keep-alive connection: the first is answered, the second never
+    // reaches the registry and the connection ends.
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    let request = format!("GET /v2/ HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let _ = stream.write_all(request.as_bytes());
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert_eq!(
+        String::from_utf8_lossy(&rest).matches("HTTP/1.1").count(),
+        0,
+        "no second response: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert_eq!(proxy.drops(), 1);
+    // Later requests pass.
+    let again = raw_get(&address, "/v2/");
+    assert!(again.starts_with(b"HTTP/1.0 200"), "{again:?}");
+    assert!(raw_get(&address, "/v2/").starts_with(b"HTTP/1.0 200"));
+    assert_eq!(proxy.drops(), 1);
+}
+
 // --- rbuild login and logout ---
 
 /// `rbuild ARGUMENTS...` with `DOCKER_CONFIG` (never the real home) and `stdin` as input.
@@ -438,7 +468,7 @@ fn authorized(
         .send()
         .expect("the registry answers")
     };
-    let response = send(authenticator.header(scope));
+    let response = send(authenticator.header(&[scope]));
     if response.status() != reqwest::StatusCode::UNAUTHORIZED {
         return Ok(response.status());
     }
@@ -449,7 +479,7 @@ fn authorized(
         .to_str()
         .unwrap()
         .to_string();
-    let header = authenticator.answer(http, &challenge, scope)?;
+    let header = authenticator.answer(http, &challenge, &[scope])?;
     Ok(send(Some(header)).status())
 }
 
@@ -496,7 +526,7 @@ fn authenticator_gets_tokens_the_registry_accepts_and_reuses_them_per_scope() {
 
     // Cached: the same scope, and a pull of the same repository, need no new token.
     for scope in [push_scope, "repository:team/app:pull"] {
-        assert!(authenticator.header(scope).is_some(), "{scope}");
+        assert!(authenticator.header(&[scope]).is_some(), "{scope}");
         let status = authorized(
             &http,
             &authenticator,
@@ -510,7 +540,11 @@ fn authenticator_gets_tokens_the_registry_accepts_and_reuses_them_per_scope() {
     assert_eq!(registry.tokens_issued(), 2);
 
     // Another repository is another scope: a new token.
-    assert!(authenticator.header("repository:team/other:pull").is_none());
+    assert!(
+        authenticator
+            .header(&["repository:team/other:pull"])
+            .is_none()
+    );
     let status = authorized(
         &http,
         &authenticator,
@@ -544,7 +578,7 @@ fn authenticator_is_shared_by_threads() {
             });
         }
     });
-    assert!(authenticator.header("repository:shared:pull").is_some());
+    assert!(authenticator.header(&["repository:shared:pull"]).is_some());
 }
 
 #[test]
@@ -590,7 +624,7 @@ fn authenticator_anonymous_gets_no_access_and_a_wrong_password_is_refused() {
             .contains("refused the credentials of alice"),
         "{error}"
     );
-    assert!(wrong.header("repository:team/app:pull").is_none());
+    assert!(wrong.header(&["repository:team/app:pull"]).is_none());
 }
 
 #[test]
@@ -659,7 +693,7 @@ fn authenticator_answers_htpasswd_with_basic_credentials_from_the_docker_config(
     .unwrap();
     assert_eq!(status, reqwest::StatusCode::OK);
     // From now on every request carries the credentials without a 401 first.
-    let header = authenticator.header("repository:any:pull").unwrap();
+    let header = authenticator.header(&["repository:any:pull"]).unwrap();
     let status = http
         .get(&catalog)
         .header(reqwest::header::AUTHORIZATION, header)
@@ -681,4 +715,453 @@ fn authenticator_answers_htpasswd_with_basic_credentials_from_the_docker_config(
         matches!(error, AuthError::CredentialsNeeded { .. }),
         "{error}"
     );
+}
+
+// --- cross-repository mounts under token auth ---
+
+#[test]
+fn a_push_to_another_repository_mounts_every_blob_with_a_token_for_both_repositories() {
+    let directory = TempDirectory::new("mount-token");
+    let registry = Registry::with_token_auth("alice", "wonderland");
+    let docker_config = docker_config(
+        &directory.join("docker"),
+        &registry.address(),
+        "alice",
+        "wonderland",
+    );
+    let root = directory.join("root");
+    let root_text = root.to_str().unwrap();
+    let one = format!("{}/a/one:v1", registry.address());
+    let two = format!("{}/b/two:v1", registry.address());
+    let digest = import_busybox(&root, &one);
+
+    let output = rbuild_with_config(&docker_config, &["--root", root_text, "push", &one], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    assert_eq!(stderr.matches("pushing sha256:").count(), 2, "{stderr}");
+
+    // The root knows a/one holds the blobs: b/two mounts them all and uploads nothing.
+    succeeds(rbuild(&root, &["tag", &one, &two]));
+    let before = registry.token_scopes().len();
+    let output = rbuild_with_config(&docker_config, &["--root", root_text, "push", &two], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    assert_eq!(
+        stderr.matches("mounted sha256:").count(),
+        2,
+        "config and layer are mounted: {stderr}"
+    );
+    assert!(stderr.contains("from a/one"), "{stderr}");
+    assert!(!stderr.contains("pushing"), "{stderr}");
+
+    // The mounts' token was asked for with both scopes in one request (by each upload thread
+    // that needed it before another had it cached); the other requests asked for b/two's
+    // push scope alone, as before.
+    let requests = registry.token_scopes()[before..].to_vec();
+    let push = vec!["repository:b/two:pull,push".to_string()];
+    let mount = vec![
+        "repository:a/one:pull".to_string(),
+        "repository:b/two:pull,push".to_string(),
+    ];
+    assert!(requests.contains(&mount), "{requests:?}");
+    assert!(requests.contains(&push), "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|scopes| *scopes == push || *scopes == mount),
+        "{requests:?}"
+    );
+    assert_eq!(
+        skopeo_layers(&two, &["--creds", "alice:wonderland"]),
+        skopeo_layers(&one, &["--creds", "alice:wonderland"])
+    );
+
+    // Credentials that may not read the sources: the registry refuses the mounts (401), and
+    // the blobs are uploaded instead.
+    registry.deny_repository("a/one");
+    registry.deny_repository("b/two");
+    let three = format!("{}/c/three:v1", registry.address());
+    succeeds(rbuild(&root, &["tag", &one, &three]));
+    let output = rbuild_with_config(&docker_config, &["--root", root_text, "push", &three], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    assert_eq!(
+        stderr.matches("cannot mount sha256:").count(),
+        2,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("pushing sha256:").count(), 2, "{stderr}");
+    assert!(!stderr.contains("mounted"), "{stderr}");
+}
+
+// --- credential helpers ---
+
+/// A Docker credential helper for the tests, installed under several names: it keeps each
+/// server's JSON in `DIRECTORY/store-NAME/SERVER` and appends `PROGRAM VERB INPUT` to
+/// `DIRECTORY/calls.log` for every call.
+const HELPER_SCRIPT: &str = r#"#!/bin/sh
+directory=$(dirname "$0")
+program=$(basename "$0")
+store="$directory/store-${program#docker-credential-}"
+input=$(cat)
+echo "$program $1 $input" >> "$directory/calls.log"
+file_of() { echo "$store/$(printf %s "$1" | tr -c 'A-Za-z0-9' _)"; }
+case "$1" in
+get)
+    file=$(file_of "$input")
+    if [ -f "$file" ]; then cat "$file"; else echo "credentials not found in native keychain"; exit 1; fi ;;
+store)
+    server=$(printf %s "$input" | sed -n 's/.*"ServerURL" *: *"\([^"]*\)".*/\1/p')
+    mkdir -p "$store"
+    printf %s "$input" > "$(file_of "$server")" ;;
+erase)
+    file=$(file_of "$input")
+    if [ -f "$file" ]; then rm "$file"; else echo "credentials not found in native keychain"; exit 1; fi ;;
+*)
+    echo "unknown verb $1" >&2; exit 2 ;;
+esac
+"#;
+
+/// A directory of credential helpers to put first on PATH: `right`, `wrong` and `empty` run
+/// [`HELPER_SCRIPT`]; `broken` prints something that is not JSON; `failing` fails.
+struct Helpers {
+    bin: PathBuf,
+}
+
+impl Helpers {
+    fn new(directory: &TempDirectory) -> Helpers {
+        let bin = directory.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let install = |name: &str, script: &str| {
+            let path = bin.join(format!("docker-credential-{name}"));
+            std::fs::write(&path, script).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        for name in ["right", "wrong", "empty"] {
+            install(name, HELPER_SCRIPT);
+        }
+        install(
+            "broken",
+            "#!/bin/sh\ncat > /dev/null\necho 'Username: bob'\n",
+        );
+        install(
+            "failing",
+            "#!/bin/sh\ncat > /dev/null\necho 'the keychain is locked'\nexit 1\n",
+        );
+        Helpers { bin }
+    }
+
+    /// Puts credentials for `server` into helper `name`'s store, as its `store` would.
+    fn seed(&self, name: &str, server: &str, user: &str, secret: &str) {
+        let store = self.bin.join(format!("store-{name}"));
+        std::fs::create_dir_all(&store).unwrap();
+        let file: String = server
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let json = serde_json::json!({"ServerURL": server, "Username": user, "Secret": secret});
+        std::fs::write(store.join(file), json.to_string()).unwrap();
+    }
+
+    /// What helper `name` keeps for `server`, if anything.
+    fn stored(&self, name: &str, server: &str) -> Option<serde_json::Value> {
+        let file: String = server
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let bytes = std::fs::read(self.bin.join(format!("store-{name}")).join(file)).ok()?;
+        Some(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// The calls so far (`docker-credential-NAME VERB INPUT`), and forgets them.
+    fn take_calls(&self) -> Vec<String> {
+        let path = self.bin.join("calls.log");
+        let calls = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        calls.lines().map(str::to_string).collect()
+    }
+
+    /// `rbuild ARGUMENTS...` with the helpers first on PATH, `DOCKER_CONFIG` (no HOME) and
+    /// `stdin` as input.
+    fn rbuild(&self, docker_config: &Path, arguments: &[&str], stdin: &str) -> Output {
+        let path = format!(
+            "{}:{}",
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rbuild"))
+            .args(arguments)
+            .env("DOCKER_CONFIG", docker_config)
+            .env("PATH", path)
+            .env_remove("HOME")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rbuild runs");
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+        child.wait_with_output().expect("rbuild runs")
+    }
+}
+
+/// Writes `DIRECTORY/config.json` with `config`; returns `DIRECTORY`.
+fn write_docker_config(directory: &Path, config: serde_json::Value) -> PathBuf {
+    std::fs::create_dir_all(directory).unwrap();
+    std::fs::write(directory.join("config.json"), config.to_string()).unwrap();
+    directory.to_path_buf()
+}
+
+#[test]
+fn pull_and_push_take_credentials_from_the_helper_the_config_names_in_dockers_order() {
+    let directory = TempDirectory::new("helpers-get");
+    let helpers = Helpers::new(&directory);
+    let registry = Registry::with_basic_auth("bob", "builder");
+    let host = registry.address();
+    let wrong_auth = serde_json::json!({"auth": STANDARD.encode("bob:wrong")});
+    helpers.seed("right", &host, "bob", "builder");
+    helpers.seed("wrong", &host, "bob", "wrong");
+    let name = format!("{host}/helped/busybox:v1");
+    let root = directory.join("root");
+    let digest = import_busybox(&root, &name);
+
+    // credsStore wins over the file's own (wrong) entry.
+    let store_config = write_docker_config(
+        &directory.join("store"),
+        serde_json::json!({"credsStore": "right", "auths": {&host: wrong_auth}}),
+    );
+    let output = helpers.rbuild(
+        &store_config,
+        &["--root", root.to_str().unwrap(), "push", &name],
+        "",
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(succeeds(output).trim(), digest, "{stderr}");
+    let calls = helpers.take_calls();
+    assert!(!calls.is_empty());
+    assert!(
+        calls
+            .iter()
+            .all(|call| *call == format!("docker-credential-right get {host}")),
+        "{calls:?}"
+    );
+    let fresh = directory.join("fresh");
+    let output = helpers.rbuild(
+        &store_config,
+        &["--root", fresh.to_str().unwrap(), "pull", &name],
+        "",
+    );
+    assert_eq!(succeeds(output).trim(), digest);
+
+    // credHelpers for the host wins over credsStore.
+    let both_config = write_docker_config(
+        &directory.join("both"),
+        serde_json::json!({"credsStore": "wrong", "credHelpers": {&host: "right"}}),
+    );
+    helpers.take_calls();
+    let fresh = directory.join("fresh-both");
+    let output = helpers.rbuild(
+        &both_config,
+        &["--root", fresh.to_str().unwrap(), "pull", &name],
+        "",
+    );
+    assert_eq!(succeeds(output).trim(), digest);
+    let calls = helpers.take_calls();
+    assert!(
+        calls.contains(&format!("docker-credential-right get {host}")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|call| call.contains("credential-wrong")),
+        "{calls:?}"
+    );
+    // The helper credsStore names for every other host is the wrong one: refused.
+    let wrong_config = write_docker_config(
+        &directory.join("wrong"),
+        serde_json::json!({"credsStore": "wrong", "credHelpers": {"elsewhere.example": "right"}}),
+    );
+    let output = helpers.rbuild(
+        &wrong_config,
+        &[
+            "--root",
+            directory.join("refused").to_str().unwrap(),
+            "pull",
+            &name,
+        ],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("401"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // A helper that keeps nothing for the host means anonymous: the protected registry asks
+    // for a login, an open one serves the image.
+    let empty_config = write_docker_config(
+        &directory.join("empty"),
+        serde_json::json!({"credsStore": "empty", "auths": {&host: wrong_auth}}),
+    );
+    helpers.take_calls();
+    let output = helpers.rbuild(
+        &empty_config,
+        &[
+            "--root",
+            directory.join("anonymous").to_str().unwrap(),
+            "pull",
+            &name,
+        ],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&format!("needs credentials: run `rbuild login {host}`")),
+        "{stderr}"
+    );
+    assert_eq!(
+        helpers.take_calls(),
+        vec![format!("docker-credential-empty get {host}")]
+    );
+    let open = Registry::open();
+    let open_name = format!("{}/open/busybox:v1", open.address());
+    succeeds(rbuild(&root, &["tag", &name, &open_name]));
+    succeeds(rbuild(&root, &["push", &open_name]));
+    let output = helpers.rbuild(
+        &empty_config,
+        &[
+            "--root",
+            directory.join("open").to_str().unwrap(),
+            "pull",
+            &open_name,
+        ],
+        "",
+    );
+    assert_eq!(succeeds(output).trim(), digest);
+    assert_eq!(
+        helpers.take_calls(),
+        vec![format!("docker-credential-empty get {}", open.address())]
+    );
+
+    // Bad helpers: errors that name them, and nothing pulled.
+    for (helper, expected) in [
+        (
+            "broken",
+            format!(
+                "the credential helper docker-credential-broken answered get for {host} with something that is not credentials JSON"
+            ),
+        ),
+        (
+            "failing",
+            format!(
+                "the credential helper docker-credential-failing failed to get the credentials of {host}: the keychain is locked"
+            ),
+        ),
+        (
+            "absent",
+            "cannot run the credential helper docker-credential-absent (get); is it on PATH?"
+                .to_string(),
+        ),
+    ] {
+        let config = write_docker_config(
+            &directory.join(helper),
+            serde_json::json!({"credsStore": helper}),
+        );
+        let root = directory.join(&format!("root-{helper}"));
+        let output = helpers.rbuild(
+            &config,
+            &["--root", root.to_str().unwrap(), "pull", &name],
+            "",
+        );
+        assert_eq!(output.status.code(), Some(1), "{helper}");
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(&expected), "{helper}: {stderr}");
+        let stored =
+            std::fs::read_dir(root.join("v1/blobs/sha256")).map_or(0, |entries| entries.count());
+        assert_eq!(stored, 0, "{helper}: nothing pulled");
+    }
+}
+
+#[test]
+fn login_stores_into_the_creds_store_and_logout_erases_from_it() {
+    let directory = TempDirectory::new("helpers-login");
+    let helpers = Helpers::new(&directory);
+    let registry = Registry::with_basic_auth("bob", "builder");
+    let host = registry.address();
+    let docker_config = write_docker_config(
+        &directory.join("docker"),
+        serde_json::json!({
+            "credsStore": "right",
+            "auths": {"other.example": {"auth": "b3RoZXI6b3RoZXI="}},
+        }),
+    );
+
+    // A wrong password stores nothing.
+    let output = helpers.rbuild(
+        &docker_config,
+        &["login", "-u", "bob", "--password-stdin", &host],
+        "wrong",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(helpers.take_calls().is_empty());
+    assert_eq!(helpers.stored("right", &host), None);
+
+    let output = helpers.rbuild(
+        &docker_config,
+        &["login", "-u", "bob", "--password-stdin", &host],
+        "builder\n",
+    );
+    assert_eq!(succeeds(output).trim(), "Login Succeeded");
+    assert_eq!(
+        helpers.stored("right", &host),
+        Some(serde_json::json!({"ServerURL": host, "Username": "bob", "Secret": "builder"}))
+    );
+    let calls = helpers.take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].starts_with("docker-credential-right store {"),
+        "{calls:?}"
+    );
+    // The file keeps an empty entry for the host, as docker writes, and no password.
+    let config = read_config(&docker_config);
+    assert_eq!(config["auths"][&host], serde_json::json!({}));
+    assert_eq!(config["auths"]["other.example"]["auth"], "b3RoZXI6b3RoZXI=");
+    assert_eq!(config["credsStore"], "right");
+
+    // The stored credentials serve a push.
+    let root = directory.join("root");
+    let name = format!("{host}/logged/busybox:v1");
+    let digest = import_busybox(&root, &name);
+    let output = helpers.rbuild(
+        &docker_config,
+        &["--root", root.to_str().unwrap(), "push", &name],
+        "",
+    );
+    assert_eq!(succeeds(output).trim(), digest);
+    helpers.take_calls();
+
+    let output = helpers.rbuild(&docker_config, &["logout", &host], "");
+    assert_eq!(
+        succeeds(output).trim(),
+        format!("Removing login credentials for {host}")
+    );
+    assert_eq!(
+        helpers.take_calls(),
+        vec![format!("docker-credential-right erase {host}")]
+    );
+    assert_eq!(helpers.stored("right", &host), None);
+    let config = read_config(&docker_config);
+    assert!(config["auths"].get(&host).is_none(), "{config}");
+    assert_eq!(config["auths"]["other.example"]["auth"], "b3RoZXI6b3RoZXI=");
+
+    let output = helpers.rbuild(&docker_config, &["logout", &host], "");
+    assert_eq!(succeeds(output).trim(), format!("Not logged in to {host}"));
+
+    // Logged out: the push is refused again.
+    let output = helpers.rbuild(
+        &docker_config,
+        &["--root", root.to_str().unwrap(), "push", &name],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
 }

@@ -166,7 +166,7 @@ fn check(host: &str, credentials: &Credentials) -> Result<(), LoginError> {
         return Err(LoginError::NoChallenge { url });
     }
     let authenticator = Authenticator::new(host, Some(credentials.clone()));
-    let header = match authenticator.answer(&http, &challenge, "") {
+    let header = match authenticator.answer(&http, &challenge, &[]) {
         Ok(header) => header,
         Err(error @ AuthError::Refused { .. }) => return Err(refused(Some(error))),
         Err(error) => return Err(error.into()),

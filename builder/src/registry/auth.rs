@@ -1,8 +1,13 @@
 //! Registry authentication: credentials from the Docker config and answers to a registry's
 //! `WWW-Authenticate` challenges.
 //!
+//! Credentials come from the credential helper the Docker config names for a registry
+//! (`credHelpers`, else `credsStore`; see `helper`), else from its `auths` entries.
+//!
 //! The seam the distribution client uses: an [`Authenticator`] per registry host gives the
-//! `Authorization` header to send for a scope, and answers a 401 with a new one.
+//! `Authorization` header to send for a list of scopes, and answers a 401 with a new one. Most
+//! requests need one scope (`repository:NAME:pull,push`); a cross-repository mount needs the
+//! source's too (`repository:SOURCE:pull`), asked for in the same token request.
 //!
 //! Bearer tokens follow distribution's token protocol
 //! (<https://distribution.github.io/distribution/spec/auth/token/>): a GET on the realm the
@@ -20,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+
+use super::helper;
 
 /// The user name that marks [`Credentials::password`] as an identity token, as Docker's
 /// credential helpers do.
@@ -136,6 +143,64 @@ pub enum AuthError {
         realm: String,
         /// Where the answer came from.
         location: String,
+    },
+    /// The Docker config names a credential helper that is not a program name.
+    #[error("the Docker config {path}: {key}: {name:?} is not a credential helper name")]
+    HelperName {
+        /// The file.
+        path: PathBuf,
+        /// `credsStore` or `credHelpers.HOST`.
+        key: String,
+        /// The name.
+        name: String,
+    },
+    /// A credential helper could not be run.
+    #[error("cannot run the credential helper {program} ({verb}); is it on PATH?")]
+    HelperStart {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// `get`, `store` or `erase`.
+        verb: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential helper failed.
+    #[error(
+        "the credential helper {program} failed to {verb} the credentials of {server}: {message}"
+    )]
+    HelperFailed {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// `get`, `store` or `erase`.
+        verb: &'static str,
+        /// The server asked about.
+        server: String,
+        /// What it said (or how it exited).
+        message: String,
+    },
+    /// A credential helper's `get` answer is not the JSON of the protocol.
+    #[error(
+        "the credential helper {program} answered get for {server} with something that is not credentials JSON"
+    )]
+    HelperOutput {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// The server asked about.
+        server: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A credential helper's `get` answer lacks the user name or the secret.
+    #[error("the credential helper {program} answered get for {server} with an empty {field}")]
+    HelperEmpty {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// The server asked about.
+        server: String,
+        /// `Username` or `Secret`.
+        field: &'static str,
     },
     /// Neither `DOCKER_CONFIG` nor `HOME` is set.
     #[error("cannot find the Docker config: neither DOCKER_CONFIG nor HOME is set")]
@@ -336,12 +401,12 @@ struct CachedToken {
 struct State {
     /// The registry answered with a Basic challenge: send the credentials with every request.
     basic: bool,
-    /// Bearer headers by scope.
-    tokens: HashMap<String, CachedToken>,
+    /// Bearer headers by the scopes they were asked for (sorted, without duplicates).
+    tokens: HashMap<Vec<String>, CachedToken>,
 }
 
 /// Authorization for one registry host (`127.0.0.1:5000`, `docker.io`, ...). Shared by the
-/// threads of one pull or push: the tokens are cached per scope behind a mutex.
+/// threads of one pull or push: the tokens are cached per list of scopes behind a mutex.
 #[derive(Debug)]
 pub struct Authenticator {
     host: String,
@@ -354,6 +419,30 @@ struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
     expires_in: Option<u64>,
+}
+
+/// The cache key of a list of scopes: sorted, without duplicates or empty ones.
+fn scope_key(scopes: &[&str]) -> Vec<String> {
+    let mut key: Vec<String> = scopes
+        .iter()
+        .filter(|scope| !scope.is_empty())
+        .map(|scope| scope.to_string())
+        .collect();
+    key.sort();
+    key.dedup();
+    key
+}
+
+/// Whether a token asked for with the scopes `cached` also serves every scope of `wanted`
+/// (each covered by one of them, [`scope_covers`]). An empty `wanted` is served by an
+/// empty `cached` only: the token of a request without scope (`GET /v2/`).
+fn scopes_cover(cached: &[String], wanted: &[String]) -> bool {
+    if wanted.is_empty() {
+        return cached.is_empty();
+    }
+    wanted
+        .iter()
+        .all(|wanted| cached.iter().any(|cached| scope_covers(cached, wanted)))
 }
 
 /// Whether a token for `cached` (`repository:NAME:pull,push`) also serves `wanted`
@@ -407,15 +496,17 @@ impl Authenticator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The `Authorization` header value to send for `scope` (`repository:NAME:pull` or
-    /// `repository:NAME:pull,push`), when one is already known (a cached token).
-    pub fn header(&self, scope: &str) -> Option<String> {
+    /// The `Authorization` header value to send for `scopes` (`repository:NAME:pull`,
+    /// `repository:NAME:pull,push`, ...), when one is already known: a cached token asked
+    /// for with exactly these scopes, else one whose scopes cover them all.
+    pub fn header(&self, scopes: &[&str]) -> Option<String> {
         let state = self.state();
         if state.basic {
             return self.credentials.as_ref().map(Credentials::basic_header);
         }
         let now = Instant::now();
-        if let Some(token) = state.tokens.get(scope)
+        let wanted = scope_key(scopes);
+        if let Some(token) = state.tokens.get(&wanted)
             && token.expires > now
         {
             return Some(token.header.clone());
@@ -423,18 +514,19 @@ impl Authenticator {
         state
             .tokens
             .iter()
-            .find(|(cached, token)| token.expires > now && scope_covers(cached, scope))
+            .find(|(cached, token)| token.expires > now && scopes_cover(cached, &wanted))
             .map(|(_, token)| token.header.clone())
     }
 
     /// Answers a 401: `challenge` is the response's `WWW-Authenticate` value. Returns the
     /// `Authorization` header value to retry with, fetching a token when the challenge is
-    /// Bearer. An empty `scope` takes the challenge's own (none for `GET /v2/`).
+    /// Bearer, for all of `scopes` in one token. No scopes take the challenge's own (none for
+    /// `GET /v2/`; several are separated by spaces).
     pub fn answer(
         &self,
         http: &reqwest::blocking::Client,
         challenge: &str,
-        scope: &str,
+        scopes: &[&str],
     ) -> Result<String, AuthError> {
         let challenges = parse_challenges(challenge);
         let unsupported = || AuthError::Unsupported {
@@ -442,10 +534,11 @@ impl Authenticator {
             challenge: challenge.to_string(),
         };
         if let Some(bearer) = challenges.iter().find(|each| each.scheme == "bearer") {
-            let scope = if scope.is_empty() {
-                bearer.parameter("scope").unwrap_or("")
+            let scopes = if scope_key(scopes).is_empty() {
+                let announced = bearer.parameter("scope").unwrap_or("");
+                scope_key(&announced.split_whitespace().collect::<Vec<_>>())
             } else {
-                scope
+                scope_key(scopes)
             };
             let realm = bearer
                 .parameter("realm")
@@ -456,9 +549,9 @@ impl Authenticator {
                     challenge: challenge.to_string(),
                 })?;
             let (header, lifetime) =
-                self.fetch_token(http, realm, bearer.parameter("service"), scope)?;
+                self.fetch_token(http, realm, bearer.parameter("service"), &scopes)?;
             self.state().tokens.insert(
-                scope.to_string(),
+                scopes,
                 CachedToken {
                     header: header.clone(),
                     // Expire a little early so a token is not sent as it runs out.
@@ -481,14 +574,17 @@ impl Authenticator {
         Err(unsupported())
     }
 
-    /// A token from the realm: `(Authorization header, lifetime)`.
+    /// A token from the realm for all of `scopes`: `(Authorization header, lifetime)`. A GET
+    /// repeats the `scope` parameter, one per scope (the token spec's "may be specified
+    /// multiple times"); the OAuth2 form has one, the scopes separated by spaces.
     fn fetch_token(
         &self,
         http: &reqwest::blocking::Client,
         mut realm: reqwest::Url,
         service: Option<&str>,
-        scope: &str,
+        scopes: &[String],
     ) -> Result<(String, Duration), AuthError> {
+        let joined = scopes.join(" ");
         let realm_text = realm.to_string();
         // Credentials go only to a realm reached over TLS, or on this machine; elsewhere rbuild
         // asks anonymously rather than send a password in clear text.
@@ -507,8 +603,8 @@ impl Authenticator {
                 if let Some(service) = service {
                     form.push(("service", service));
                 }
-                if !scope.is_empty() {
-                    form.push(("scope", scope));
+                if !joined.is_empty() {
+                    form.push(("scope", joined.as_str()));
                 }
                 let body = form
                     .iter()
@@ -528,7 +624,7 @@ impl Authenticator {
                     if let Some(service) = service {
                         query.append_pair("service", service);
                     }
-                    if !scope.is_empty() {
+                    for scope in scopes {
                         query.append_pair("scope", scope);
                     }
                 }
@@ -724,10 +820,67 @@ fn entry_credentials(
     }
 }
 
+/// The credential helper the config names for `host`, in docker/cli's order
+/// (`configfile.getConfiguredCredentialStore`): `credHelpers` under the host's key, else
+/// `credsStore`; none when the file keeps the credentials itself (`auths`).
+pub fn helper_for(
+    config: &serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+    host: &str,
+) -> Result<Option<String>, AuthError> {
+    let named = |key: String, value: &serde_json::Value| match value {
+        serde_json::Value::String(name) if name.is_empty() => Ok(None),
+        serde_json::Value::String(name) if helper::is_valid_name(name) => Ok(Some(name.clone())),
+        serde_json::Value::String(name) => Err(AuthError::HelperName {
+            path: path.to_path_buf(),
+            key,
+            name: name.clone(),
+        }),
+        serde_json::Value::Null => Ok(None),
+        _ => Err(AuthError::ConfigEntry {
+            path: path.to_path_buf(),
+            key,
+            problem: "is not a string",
+        }),
+    };
+    match config.get("credHelpers") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(helpers)) => {
+            let wanted = normalize_server(host);
+            // The config key (`https://index.docker.io/v1/` for Docker Hub) or the host as
+            // written first, then any key naming the same registry.
+            let entry = helpers
+                .get_key_value(&config_key(host))
+                .or_else(|| helpers.get_key_value(host))
+                .or_else(|| {
+                    helpers
+                        .iter()
+                        .find(|(key, _)| normalize_server(key) == wanted)
+                });
+            if let Some((key, value)) = entry
+                && let Some(name) = named(format!("credHelpers.{key}"), value)?
+            {
+                return Ok(Some(name));
+            }
+        }
+        Some(_) => {
+            return Err(AuthError::ConfigEntry {
+                path: path.to_path_buf(),
+                key: "credHelpers".to_string(),
+                problem: "is not a JSON object",
+            });
+        }
+    }
+    match config.get("credsStore") {
+        Some(value) => named("credsStore".to_string(), value),
+        None => Ok(None),
+    }
+}
+
 /// The credentials the Docker config (`$DOCKER_CONFIG/config.json`, else
-/// `~/.docker/config.json`) holds for `host`, if any. Entries are keyed by host
-/// (`127.0.0.1:5000`) or by URL (`https://index.docker.io/v1/` for docker.io). Credential helpers
-/// (`credsStore`, `credHelpers`) are not run: a host they keep has no credentials here.
+/// `~/.docker/config.json`) gives for `host`, if any: from the credential helper it names for
+/// the host ([`helper_for`]), else from its `auths` entries, keyed by host (`127.0.0.1:5000`)
+/// or by URL (`https://index.docker.io/v1/` for docker.io).
 pub fn credentials_for(host: &str) -> Result<Option<Credentials>, AuthError> {
     credentials_in(&docker_config_path()?, host)
 }
@@ -735,6 +888,11 @@ pub fn credentials_for(host: &str) -> Result<Option<Credentials>, AuthError> {
 /// [`credentials_for`] in the config file at `path`.
 pub fn credentials_in(path: &Path, host: &str) -> Result<Option<Credentials>, AuthError> {
     let config = read_config(path)?;
+    if let Some(name) = helper_for(&config, path, host)? {
+        // As docker/cli's native store: the helper's answer, and nothing from `auths` when it
+        // has none (anonymous).
+        return helper::get(&name, &config_key(host));
+    }
     let Some(auths) = auths(&config, path)? else {
         return Ok(None);
     };
@@ -751,9 +909,11 @@ pub fn credentials_in(path: &Path, host: &str) -> Result<Option<Credentials>, Au
     }
 }
 
-/// Writes `credentials` for `server` into the config at `path` (`auths.KEY.auth`), keeping every
-/// other key of the file; replaces other keys naming the same registry. Temp file, fsync,
-/// rename; the file is 0600 and a new directory 0700.
+/// Keeps `credentials` for `server`: in the credential helper the config at `path` names for it
+/// (`store`), else in the file (`auths.KEY.auth`). Either way the file keeps every other key,
+/// and its entries naming the same registry are replaced, by `{}` when a helper keeps the
+/// credentials (as docker/cli writes). Temp file, fsync, rename; the file is 0600 and a new
+/// directory 0700.
 pub fn store_credentials(
     path: &Path,
     server: &str,
@@ -761,6 +921,10 @@ pub fn store_credentials(
 ) -> Result<(), AuthError> {
     let mut config = read_config(path)?;
     auths(&config, path)?;
+    let helper = helper_for(&config, path, server)?;
+    if let Some(name) = &helper {
+        helper::store(name, &config_key(server), credentials)?;
+    }
     let wanted = normalize_server(server);
     let auths = config
         .entry("auths")
@@ -772,19 +936,25 @@ pub fn store_credentials(
         unreachable!("checked above: auths is an object or absent");
     };
     auths.retain(|key, _| normalize_server(key) != wanted);
-    auths.insert(
-        config_key(server),
-        serde_json::json!({
+    let entry = match helper {
+        Some(_) => serde_json::json!({}),
+        None => serde_json::json!({
             "auth": STANDARD.encode(format!("{}:{}", credentials.username, credentials.password))
         }),
-    );
+    };
+    auths.insert(config_key(server), entry);
     write_config(path, &config)
 }
 
-/// Removes every `auths` entry naming `server` from the config at `path`; returns whether there
-/// was one.
+/// Erases the credentials of `server` from the credential helper the config at `path` names for
+/// it, and removes every `auths` entry naming `server` from the file; returns whether there was
+/// something to remove.
 pub fn remove_credentials(path: &Path, server: &str) -> Result<bool, AuthError> {
     let mut config = read_config(path)?;
+    let erased = match helper_for(&config, path, server)? {
+        Some(name) => helper::erase(&name, &config_key(server))?,
+        None => false,
+    };
     let wanted = normalize_server(server);
     let removed = match config.get_mut("auths") {
         Some(serde_json::Value::Object(auths)) => {
@@ -804,7 +974,7 @@ pub fn remove_credentials(path: &Path, server: &str) -> Result<bool, AuthError> 
     if removed {
         write_config(path, &config)?;
     }
-    Ok(removed)
+    Ok(removed || erased)
 }
 
 fn write_config(
@@ -931,18 +1101,18 @@ mod tests {
                 password: "pa:ss".to_string(),
             }),
         );
-        assert_eq!(authenticator.header("repository:x:pull"), None);
+        assert_eq!(authenticator.header(&["repository:x:pull"]), None);
         let http = reqwest::blocking::Client::new();
         let header = authenticator
             .answer(
                 &http,
                 r#"Basic realm="Registry Realm""#,
-                "repository:x:pull",
+                &["repository:x:pull"],
             )
             .unwrap();
         assert_eq!(header, format!("Basic {}", STANDARD.encode("user:pa:ss")));
         assert_eq!(
-            authenticator.header("repository:y:push").as_deref(),
+            authenticator.header(&["repository:y:push"]).as_deref(),
             Some(header.as_str())
         );
     }
@@ -952,7 +1122,7 @@ mod tests {
         let authenticator = Authenticator::new("registry.example", None);
         let http = reqwest::blocking::Client::new();
         let error = authenticator
-            .answer(&http, r#"Basic realm="x""#, "")
+            .answer(&http, r#"Basic realm="x""#, &[])
             .unwrap_err();
         assert_eq!(
             error.to_string(),
@@ -965,15 +1135,15 @@ mod tests {
         let authenticator = Authenticator::new("registry.example", None);
         let http = reqwest::blocking::Client::new();
         assert!(matches!(
-            authenticator.answer(&http, "Negotiate abc", ""),
+            authenticator.answer(&http, "Negotiate abc", &[]),
             Err(AuthError::Unsupported { .. })
         ));
         assert!(matches!(
-            authenticator.answer(&http, r#"Bearer realm="file:///etc/passwd""#, ""),
+            authenticator.answer(&http, r#"Bearer realm="file:///etc/passwd""#, &[]),
             Err(AuthError::InvalidRealm { .. })
         ));
         assert!(matches!(
-            authenticator.answer(&http, r#"Bearer service="x""#, ""),
+            authenticator.answer(&http, r#"Bearer service="x""#, &[]),
             Err(AuthError::InvalidRealm { .. })
         ));
     }
@@ -999,6 +1169,27 @@ mod tests {
             "repository:a/c:pull,push",
             "repository:a/b:pull"
         ));
+    }
+
+    #[test]
+    fn a_token_for_several_scopes_serves_each_and_is_keyed_by_all() {
+        assert_eq!(
+            scope_key(&[
+                "repository:b:pull,push",
+                "repository:a:pull",
+                "repository:a:pull"
+            ]),
+            vec!["repository:a:pull", "repository:b:pull,push"]
+        );
+        let mount = scope_key(&["repository:b:pull,push", "repository:a:pull"]);
+        assert!(scopes_cover(&mount, &scope_key(&["repository:b:pull"])));
+        assert!(scopes_cover(&mount, &scope_key(&["repository:a:pull"])));
+        assert!(scopes_cover(&mount, &mount));
+        assert!(!scopes_cover(&mount, &scope_key(&["repository:a:push"])));
+        let push = scope_key(&["repository:b:pull,push"]);
+        assert!(!scopes_cover(&push, &mount), "a mount needs the source too");
+        assert!(!scopes_cover(&push, &[]));
+        assert!(scopes_cover(&[], &[]));
     }
 
     #[test]
@@ -1078,7 +1269,6 @@ mod tests {
                     "token.example": {"auth": "", "identitytoken": "refresh-me"},
                     "helper.example": {},
                 },
-                "credsStore": "desktop",
             })
             .to_string(),
         );
@@ -1098,6 +1288,70 @@ mod tests {
         assert_eq!(token.password, "refresh-me");
         assert_eq!(credentials("helper.example"), None);
         assert_eq!(credentials("127.0.0.1:5001"), None);
+    }
+
+    #[test]
+    fn the_helper_for_a_host_is_its_cred_helper_else_the_creds_store() {
+        let path = Path::new("/nonexistent/config.json");
+        let config = |value: serde_json::Value| match value {
+            serde_json::Value::Object(object) => object,
+            _ => unreachable!(),
+        };
+        let both = config(serde_json::json!({
+            "credsStore": "desktop",
+            "credHelpers": {
+                "127.0.0.1:5000": "pass",
+                "https://index.docker.io/v1/": "hub",
+                "ECR.example:443": "ecr-login",
+                "unset.example": "",
+            },
+            "auths": {"127.0.0.1:5000": {"auth": STANDARD.encode("a:b")}},
+        }));
+        let helper = |config: &serde_json::Map<String, serde_json::Value>, host: &str| {
+            helper_for(config, path, host).unwrap()
+        };
+        assert_eq!(helper(&both, "127.0.0.1:5000").as_deref(), Some("pass"));
+        assert_eq!(helper(&both, "docker.io").as_deref(), Some("hub"));
+        assert_eq!(
+            helper(&both, "ecr.example:443").as_deref(),
+            Some("ecr-login")
+        );
+        assert_eq!(helper(&both, "other.example").as_deref(), Some("desktop"));
+        assert_eq!(helper(&both, "unset.example").as_deref(), Some("desktop"));
+        let only_helpers = config(serde_json::json!({"credHelpers": {"a.example": "pass"}}));
+        assert_eq!(helper(&only_helpers, "a.example").as_deref(), Some("pass"));
+        assert_eq!(helper(&only_helpers, "b.example"), None);
+        assert_eq!(
+            helper(&config(serde_json::json!({"credsStore": ""})), "a"),
+            None
+        );
+        assert_eq!(helper(&config(serde_json::json!({})), "a"), None);
+
+        let error = helper_for(
+            &config(serde_json::json!({"credsStore": "../../bin/sh"})),
+            path,
+            "a",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            r#"the Docker config /nonexistent/config.json: credsStore: "../../bin/sh" is not a credential helper name"#
+        );
+        let error = helper_for(&config(serde_json::json!({"credHelpers": []})), path, "a")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.ends_with("credHelpers: is not a JSON object"),
+            "{error}"
+        );
+        let error = helper_for(
+            &config(serde_json::json!({"credHelpers": {"a": 1}})),
+            path,
+            "a",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.ends_with("credHelpers.a: is not a string"), "{error}");
     }
 
     #[test]

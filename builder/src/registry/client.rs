@@ -330,6 +330,11 @@ impl Client {
         &self.reference
     }
 
+    /// The token scope of this client's requests: `repository:NAME:pull` or `...:pull,push`.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
     /// The repository within the registry.
     pub fn repository(&self) -> &str {
         &self.repository
@@ -360,7 +365,20 @@ impl Client {
         action: &str,
         prepare: &dyn Fn(RequestBuilder) -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
-        let authorization = self.authenticator.header(&self.scope);
+        self.send_scoped(method, url, action, &[&self.scope], prepare)
+    }
+
+    /// [`Client::send`] with a token for `scopes` rather than this client's own scope alone
+    /// (a cross-repository mount needs pull on the source repository too).
+    pub fn send_scoped(
+        &self,
+        method: Method,
+        url: &str,
+        action: &str,
+        scopes: &[&str],
+        prepare: &dyn Fn(RequestBuilder) -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
+        let authorization = self.authenticator.header(scopes);
         let response = self.send_once(method.clone(), url, action, prepare, authorization)?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
@@ -375,7 +393,7 @@ impl Client {
         };
         let answer = self
             .authenticator
-            .answer(&self.http, &challenge, &self.scope)
+            .answer(&self.http, &challenge, scopes)
             .map_err(|source| RegistryError::Auth {
                 reference: self.reference.clone(),
                 source,
@@ -415,10 +433,23 @@ impl Client {
         accepted: &[StatusCode],
         prepare: &dyn Fn(RequestBuilder) -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
+        self.send_retrying_scoped(method, url, action, &[&self.scope], accepted, prepare)
+    }
+
+    /// [`Client::send_retrying`] with a token for `scopes` ([`Client::send_scoped`]).
+    pub fn send_retrying_scoped(
+        &self,
+        method: Method,
+        url: &str,
+        action: &str,
+        scopes: &[&str],
+        accepted: &[StatusCode],
+        prepare: &dyn Fn(RequestBuilder) -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
         let mut attempt = 1;
         loop {
             let result = self
-                .send(method.clone(), url, action, prepare)
+                .send_scoped(method.clone(), url, action, scopes, prepare)
                 .and_then(|response| self.expect(response, action, accepted));
             match result {
                 Err(error) if error.is_transient() && attempt < ATTEMPTS => {

@@ -175,18 +175,35 @@ fn push_blob(
     for from in mount_from.iter().take(MOUNT_ATTEMPTS) {
         let action = format!("mounting blob {} from {from}", blob.digest);
         let url = client.url(&format!("blobs/uploads/?mount={}&from={from}", blob.digest));
-        let response = client.send_retrying(
+        // Distribution wants pull on the source as well as push on the destination, in one
+        // token (registry/handlers/app.go, `from`).
+        let source_scope = format!("repository:{from}:pull");
+        let response = client.send_retrying_scoped(
             Method::POST,
             &url,
             &action,
-            &[StatusCode::CREATED, StatusCode::ACCEPTED],
+            &[client.scope(), &source_scope],
+            &[
+                StatusCode::CREATED,
+                StatusCode::ACCEPTED,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::FORBIDDEN,
+            ],
             &|request| request.header(header::CONTENT_LENGTH, "0"),
         )?;
-        if response.status() == StatusCode::CREATED {
-            eprintln!("mounted {} from {from}", blob.digest);
-            return Ok(());
+        match response.status() {
+            StatusCode::CREATED => {
+                eprintln!("mounted {} from {from}", blob.digest);
+                return Ok(());
+            }
+            // No pull on the source for these credentials: upload it instead.
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => eprintln!(
+                "cannot mount {} from {from} ({}): uploading it",
+                blob.digest,
+                response.status()
+            ),
+            _ => session = Some(location(client, &response, &action)?),
         }
-        session = Some(location(client, &response, &action)?);
     }
     // A blob the store only names (a layer of a lazily pulled base or of an imported cache)
     // that no mount brought over is fetched from its source now.

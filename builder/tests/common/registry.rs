@@ -1,6 +1,7 @@
 //! Real registries for the tests: Debian's `docker-registry` (distribution 2.8) on 127.0.0.1,
 //! open, behind htpasswd (Basic) auth, or behind a token server that lives in the test process;
-//! and a TCP proxy that cuts one connection in the middle.
+//! and a TCP proxy that cuts one connection in the middle (after a number of bytes, or just
+//! before the N-th occurrence of a pattern in what the client sends).
 //!
 //! The token server speaks distribution's token protocol
 //! (<https://distribution.github.io/distribution/spec/auth/token/>): `GET /token?service=..&scope=..`
@@ -13,8 +14,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -63,7 +64,8 @@ impl Registry {
     }
 
     /// A registry that wants Bearer tokens from a token server in this process, which gives
-    /// `user`/`password` pull and push on every repository (and the catalog).
+    /// `user`/`password` every action asked for on every repository (and the catalog) but those
+    /// [`Registry::deny_repository`] names.
     pub fn with_token_auth(user: &str, password: &str) -> Registry {
         let token_server = TokenServer::start(user, password);
         let auth = format!(
@@ -183,6 +185,27 @@ impl Registry {
             .map_or(0, |server| server.state.refused.load(Ordering::SeqCst))
     }
 
+    /// The scopes each token request asked for (each `scope` parameter, split at spaces), in
+    /// order of arrival; empty without token auth.
+    pub fn token_scopes(&self) -> Vec<Vec<String>> {
+        self.token_server.as_ref().map_or_else(Vec::new, |server| {
+            server.state.scopes.lock().expect("not poisoned").clone()
+        })
+    }
+
+    /// From now on the token server leaves `repository` out of the user's tokens (as a token
+    /// server does for a repository the user may not read).
+    pub fn deny_repository(&self, repository: &str) {
+        if let Some(server) = &self.token_server {
+            server
+                .state
+                .denied
+                .lock()
+                .expect("not poisoned")
+                .push(repository.to_string());
+        }
+    }
+
     /// The identity (refresh) token the token server takes for the user in an OAuth2
     /// `refresh_token` grant, when the registry uses token auth.
     pub fn refresh_token(&self) -> Option<String> {
@@ -261,6 +284,10 @@ struct TokenState {
     certificate_der: Vec<u8>,
     issued: AtomicUsize,
     refused: AtomicUsize,
+    /// The scopes of every token request, in order of arrival (one list per request).
+    scopes: Mutex<Vec<Vec<String>>>,
+    /// Repositories the user gets no access to.
+    denied: Mutex<Vec<String>>,
     stop: AtomicBool,
 }
 
@@ -296,6 +323,8 @@ impl TokenServer {
             certificate_der: certificate.der().to_vec(),
             issued: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            scopes: Mutex::new(Vec::new()),
+            denied: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
@@ -485,6 +514,20 @@ fn serve_token_connection(stream: TcpStream, state: &TokenState) {
             .map(|(_, value)| value.clone())
     };
     let service = parameter("service").unwrap_or_default();
+    // Several `scope` parameters, or several scopes in one separated by spaces (the OAuth2
+    // form), ask for all of them.
+    let scopes: Vec<String> = parameters
+        .iter()
+        .filter(|(key, _)| key == "scope")
+        .flat_map(|(_, scope)| scope.split(' '))
+        .filter(|scope| !scope.is_empty())
+        .map(str::to_string)
+        .collect();
+    state
+        .scopes
+        .lock()
+        .expect("not poisoned")
+        .push(scopes.clone());
     let user = match credentials {
         Some((user, password)) if user == state.user && password == state.password => Some(user),
         Some(_) => {
@@ -501,15 +544,19 @@ fn serve_token_connection(stream: TcpStream, state: &TokenState) {
         // read; the registry then answers 401 insufficient_scope.
         None => None,
     };
+    let denied = state.denied.lock().expect("not poisoned").clone();
     let access: Vec<serde_json::Value> = match &user {
         None => Vec::new(),
-        Some(_) => parameters
+        // The user gets every action asked for on any repository not denied: pull and push on
+        // its own and on a mount's source alike.
+        Some(_) => scopes
             .iter()
-            .filter(|(key, _)| key == "scope")
-            .flat_map(|(_, scope)| scope.split(' '))
             .filter_map(|scope| {
                 let (kind, rest) = scope.split_once(':')?;
                 let (name, actions) = rest.rsplit_once(':')?;
+                if kind == "repository" && denied.iter().any(|denied| denied == name) {
+                    return None;
+                }
                 let actions: Vec<&str> = actions.split(',').collect();
                 Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
             })
@@ -578,17 +625,29 @@ pub enum Direction {
     Download,
 }
 
+/// Where a [`DroppingProxy`] cuts.
+enum Fault {
+    /// The first connection that carries more than `after_bytes` in `direction`, there.
+    AfterBytes {
+        direction: Direction,
+        after_bytes: u64,
+    },
+    /// Just before the `occurrence`-th (counted from 1, over all connections) `pattern` in the
+    /// client→target stream.
+    BeforePattern { pattern: Vec<u8>, occurrence: usize },
+}
+
 struct ProxyState {
     target: String,
-    direction: Direction,
-    after_bytes: u64,
+    fault: Fault,
+    /// How many times the pattern was seen so far ([`Fault::BeforePattern`]).
+    seen: AtomicUsize,
     cut_claimed: AtomicBool,
     drops: AtomicUsize,
     stop: AtomicBool,
 }
 
-/// A TCP proxy on 127.0.0.1 that cuts the first connection carrying more than a number of bytes
-/// in one direction; later connections pass untouched.
+/// A TCP proxy on 127.0.0.1 that cuts one connection once; later traffic passes untouched.
 pub struct DroppingProxy {
     /// The port it listens on, at 127.0.0.1.
     pub port: u16,
@@ -600,12 +659,39 @@ impl DroppingProxy {
     /// `after_bytes` in `direction` is cut there (both sockets shut down); later connections
     /// pass untouched.
     pub fn start(target: &str, direction: Direction, after_bytes: u64) -> DroppingProxy {
+        Self::with_fault(
+            target,
+            Fault::AfterBytes {
+                direction,
+                after_bytes,
+            },
+        )
+    }
+
+    /// Forwards 127.0.0.1:port to `target`, scanning what clients send: everything before the
+    /// `occurrence`-th `pattern` (counted over all connections, from 1) is forwarded, then that
+    /// connection is closed on both sides, once. `cut_before(target, b"PATCH ", 2)` is a
+    /// connection that dies just as the second PATCH starts, before any of it reaches the
+    /// target. (A pattern split between two reads is found too, but its first part has then
+    /// already gone through.)
+    pub fn cut_before(target: &str, pattern: &[u8], occurrence: usize) -> DroppingProxy {
+        assert!(!pattern.is_empty() && occurrence >= 1);
+        Self::with_fault(
+            target,
+            Fault::BeforePattern {
+                pattern: pattern.to_vec(),
+                occurrence,
+            },
+        )
+    }
+
+    fn with_fault(target: &str, fault: Fault) -> DroppingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let state = Arc::new(ProxyState {
             target: target.to_string(),
-            direction,
-            after_bytes,
+            fault,
+            seen: AtomicUsize::new(0),
             cut_claimed: AtomicBool::new(false),
             drops: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
@@ -661,7 +747,7 @@ fn proxy_connection(client: TcpStream, server: TcpStream, state: Arc<ProxyState>
         pump(
             upload_from,
             upload_to,
-            upload_state.direction == Direction::Upload,
+            Direction::Upload,
             &upload_state,
             (&client_handle, &server_handle),
         )
@@ -670,37 +756,83 @@ fn proxy_connection(client: TcpStream, server: TcpStream, state: Arc<ProxyState>
     pump(
         download_from,
         download_to,
-        state.direction == Direction::Download,
+        Direction::Download,
         &state,
         (&client_handle, &server_handle),
     );
     let _ = upload.join();
 }
 
-/// Copies `from` to `to`; when `counted` and this is the first connection over the limit, writes
-/// up to the limit and shuts both sockets down.
+/// Where in `buffer` (just read, after `tail`, the end of what this connection carried before)
+/// to cut, if this read holds the cut: the number of bytes of `buffer` to forward first.
+fn cut_point(
+    state: &ProxyState,
+    direction: Direction,
+    carried: u64,
+    tail: &[u8],
+    buffer: &[u8],
+) -> Option<usize> {
+    let claim = || {
+        state
+            .cut_claimed
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    };
+    match &state.fault {
+        Fault::AfterBytes {
+            direction: counted,
+            after_bytes,
+        } => (*counted == direction && carried + buffer.len() as u64 > *after_bytes && claim())
+            .then(|| (after_bytes - carried) as usize),
+        Fault::BeforePattern {
+            pattern,
+            occurrence,
+        } => {
+            if direction != Direction::Upload || state.cut_claimed.load(Ordering::SeqCst) {
+                return None;
+            }
+            // `tail` is shorter than the pattern: every match found here ends in this read.
+            let joined = [tail, buffer].concat();
+            let mut start = 0;
+            while start + pattern.len() <= joined.len() {
+                if joined[start..].starts_with(pattern) {
+                    let seen = state.seen.fetch_add(1, Ordering::SeqCst) + 1;
+                    if seen == *occurrence && claim() {
+                        return Some(start.saturating_sub(tail.len()));
+                    }
+                    start += pattern.len();
+                } else {
+                    start += 1;
+                }
+            }
+            None
+        }
+    }
+}
+
+/// Copies `from` to `to` (carrying `direction`); when this read holds the proxy's one cut,
+/// writes what comes before it and shuts both sockets down.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
-    counted: bool,
+    direction: Direction,
     state: &ProxyState,
     both: (&TcpStream, &TcpStream),
 ) {
     let mut carried: u64 = 0;
     let mut buffer = vec![0u8; 64 * 1024];
+    // The last bytes carried, to find a pattern split between two reads.
+    let mut tail: Vec<u8> = Vec::new();
+    let keep = match &state.fault {
+        Fault::BeforePattern { pattern, .. } => pattern.len() - 1,
+        Fault::AfterBytes { .. } => 0,
+    };
     loop {
         let read = match from.read(&mut buffer) {
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
-        if counted
-            && carried + read as u64 > state.after_bytes
-            && state
-                .cut_claimed
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
-            let allowed = (state.after_bytes - carried) as usize;
+        if let Some(allowed) = cut_point(state, direction, carried, &tail, &buffer[..read]) {
             // Counted before the cut: whoever sees the connection end then sees the drop.
             state.drops.fetch_add(1, Ordering::SeqCst);
             let _ = to.write_all(&buffer[..allowed]);
@@ -710,6 +842,11 @@ fn pump(
             return;
         }
         carried += read as u64;
+        if keep > 0 {
+            tail.extend_from_slice(&buffer[..read]);
+            let excess = tail.len().saturating_sub(keep);
+            tail.drain(..excess);
+        }
         if to.write_all(&buffer[..read]).is_err() {
             break;
         }
