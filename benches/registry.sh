@@ -23,6 +23,12 @@
 #                 as skopeo's oci: layout; neither unpacks layers)
 #         skopeo: `skopeo copy docker://127.0.0.1:PORT/bench:latest oci:FRESH:latest`
 #         from one registry that an untimed rbuild push filled.
+#   ci    a CI machine reusing another's work: on a fresh root, `rbuild build --cache-from
+#         type=registry,ref=CACHE -o type=image,name=NEW,push=true` of a Dockerfile
+#         `FROM <that pulled image>` + COPY + RUN, whose cache another root exported untimed
+#         (mode=max). Every step must be CACHED. Reported: seconds and the bytes of blobs the
+#         fresh root downloaded. Tools: rbuild, and with CI_BEFORE=/path/to/an/older/rbuild
+#         that binary too (e.g. one from before lazy layers), as "before".
 #
 # Environment:
 #   RUNS=3                          timed runs per operation and tool
@@ -33,6 +39,8 @@
 #   RBUILD=$CARGO_TARGET_DIR/release/rbuild (CARGO_TARGET_DIR defaults to target)
 #   SKOPEO=skopeo  REGISTRY=/usr/bin/docker-registry
 #   SKOPEO_SOURCE=oci               or oci-archive (see above)
+#   OPERATIONS="push pull ci"       which operations to time
+#   CI_BEFORE=                      an older rbuild for the ci operation (see above)
 #
 # Only 127.0.0.1 is contacted. Results (one line per timed run) and the table are appended to
 # WORK/results.txt; logs are in WORK/logs. A failed operation is never timed: the end of its log
@@ -48,6 +56,8 @@ rbuild=${RBUILD:-${CARGO_TARGET_DIR:-$repo/target}/release/rbuild}
 skopeo=${SKOPEO:-skopeo}
 registry_binary=${REGISTRY:-/usr/bin/docker-registry}
 skopeo_source=${SKOPEO_SOURCE:-oci}
+operations=${OPERATIONS:-push pull ci}
+ci_before=${CI_BEFORE:-}
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "registry.sh: $*"; exit 1; }
@@ -263,6 +273,20 @@ run_operation() {
         check_stored "$pull_root" "$log" || check="the store holds only $stored bytes"
         rm -rf "$pull_root"
         ;;
+"ci rbuild" | "ci before")
+        local binary=$rbuild ci_root=$work/pulled/ci-$tool-$run
+        [ "$tool" = rbuild ] || binary=$ci_before
+        rm -rf "$ci_root"
+        start=$(date +%s.%N)
+        "$binary" --root "$ci_root" build --progress plain --network none \
+            --metadata-file "$work/ci-metadata.json" --cache-from "type=registry,ref=$ci_cache" \
+            --output "type=image,name=$ci_registry/ci-$tool-$run:latest,push=true" "$ci_context" \
+            >"$log" 2>&1 || { report_failure "$operation" "$tool" "run $run" "$log"; rm -rf "$ci_root"; return 0; }
+        end=$(date +%s.%N)
+        [ "$(jq '[.steps[].cached] | all' "$work/ci-metadata.json")" = true ] || check="a step was not CACHED"
+        echo "$tool $(blob_bytes "$ci_root/v1/blobs")" >>"$work/ci-bytes.txt"
+        rm -rf "$ci_root"
+        ;;
     "pull skopeo")
         local layout=$work/pulled/skopeo-$run
         rm -rf "$layout"
@@ -306,11 +330,32 @@ pull_source=127.0.0.1:$registry_port/bench:latest
     { tail -n 25 "$logs/pull-source.log" >&2; die "filling the pull source failed"; }
 "$rbuild" --root "$root" rmi "$pull_source" >>"$logs/pull-source.log" 2>&1
 
+ci_tools="rbuild"
+: >"$work/ci-bytes.txt"
+case " $operations " in *" ci "*)
+    say "ci: another root builds FROM the pulled image and exports its cache (untimed)"
+    [ -z "$ci_before" ] || [ -x "$ci_before" ] || die "CI_BEFORE=$ci_before is not an executable"
+    [ -z "$ci_before" ] || ci_tools="rbuild before"
+    ci_registry=127.0.0.1:$registry_port
+    ci_cache=$ci_registry/ci-cache:latest
+    ci_context=$work/ci-context
+    rm -rf "$ci_context"
+    mkdir -p "$ci_context"
+    echo "built on another machine" >"$ci_context/note.txt"
+    printf 'FROM %s\nCOPY note.txt /note.txt\nRUN cat /note.txt > /copied\n' "$pull_source" >"$ci_context/Dockerfile"
+    "$rbuild" --root "$root" build --progress plain --network none \
+        --cache-to "type=registry,ref=$ci_cache,mode=max" "$ci_context" >"$logs/ci-source.log" 2>&1 ||
+        { tail -n 25 "$logs/ci-source.log" >&2; die "exporting the ci cache failed"; }
+    ;;
+esac
+
 say "$("$rbuild" --version 2>/dev/null || echo rbuild) vs $("$skopeo" --version); $("$registry_binary" --version)"
-say "runs: $runs; image: $image_bytes bytes"
+say "runs: $runs; image: $image_bytes bytes; operations: $operations"
 for run in $(seq "$runs"); do
-    for operation in push pull; do
-        for tool in rbuild skopeo; do
+    for operation in $operations; do
+        tools="rbuild skopeo"
+        [ "$operation" != ci ] || tools=$ci_tools
+        for tool in $tools; do
             [ -z "${failed["$operation $tool"]:-}" ] || continue
             run_operation "$operation" "$tool" "$run"
         done
@@ -341,10 +386,16 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]
         "ratio = rbuild time / skopeo time; skopeo source: $skopeo_source"
     printf '%-9s %-7s %9s %8s %14s\n' operation tool "median s" "MB/s" rbuild/skopeo
     for operation in push pull; do
+        case " $operations " in *" $operation "*) ;; *) continue ;; esac
         r=$(median "$operation" rbuild)
         s=$(median "$operation" skopeo)
         printf '%-9s %-7s %9s %8s %14s\n' "$operation" rbuild "$r" "$(throughput "$r")" "$(ratio "$r" "$s")"
         printf '%-9s %-7s %9s %8s %14s\n' "$operation" skopeo "$s" "$(throughput "$s")" ""
+    done
+    for tool in $ci_tools; do
+        case " $operations " in *" ci "*) ;; *) break ;; esac
+        downloaded=$(awk -v t="$tool" '$1 == t { print $2 }' "$work/ci-bytes.txt" | sort -g | tail -n 1)
+        printf '%-9s %-7s %9s   downloaded at most %s bytes of blobs\n' ci "$tool" "$(median ci "$tool")" "${downloaded:--}"
     done
     echo "runs:"
     sed 's/^/  /' "$times"

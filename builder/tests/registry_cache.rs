@@ -293,7 +293,11 @@ fn a_cached_build_pushed_to_the_registry_downloads_no_layer() {
         ],
     );
     let layers = registry_layers(&first_image);
-    assert_eq!(layers.len(), 4, "busybox, COPY, COPY --from, RUN: {layers:?}");
+    assert_eq!(
+        layers.len(),
+        4,
+        "busybox, COPY, COPY --from, RUN: {layers:?}"
+    );
 
     let second = directory.join("second");
     let metadata = directory.join("second.json");
@@ -316,7 +320,8 @@ fn a_cached_build_pushed_to_the_registry_downloads_no_layer() {
     );
     let stderr = text(&output.stderr);
     succeeds(output);
-    let metadata: serde_json::Value = serde_json::from_slice(&fs::read(&metadata).unwrap()).unwrap();
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&fs::read(&metadata).unwrap()).unwrap();
     let steps = cached(&metadata);
     assert!(
         steps.iter().all(|(_, cached)| *cached),

@@ -127,7 +127,10 @@ fn exit_codes_and_errors_are_docker_s() {
         stderr.contains("image 127.0.0.1:9/nothing-here is not in the store: pulling it"),
         "{stderr}"
     );
-    assert!(stderr.contains("127.0.0.1:9/nothing-here:latest"), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:9/nothing-here:latest"),
+        "{stderr}"
+    );
     // A name that is no reference is not pulled.
     let bad_name = rbuild(&root, &["run", "--rm", "Nothing-Here", "true"]);
     assert_eq!(bad_name.status.code(), Some(1));

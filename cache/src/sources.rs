@@ -76,10 +76,7 @@ impl Store {
     }
 
     /// Removes the source files of blobs `keep` rejects; returns how many went.
-    pub fn remove_blob_sources(
-        &self,
-        keep: impl Fn(&Digest) -> bool,
-    ) -> Result<usize, StoreError> {
+    pub fn remove_blob_sources(&self, keep: impl Fn(&Digest) -> bool) -> Result<usize, StoreError> {
         let directory = self.sources_directory();
         let Ok(entries) = fs::read_dir(&directory) else {
             return Ok(0);
@@ -108,9 +105,8 @@ mod tests {
 
     #[test]
     fn sources_are_kept_newest_first_without_repeats_and_pruned_by_digest() {
-        let root = std::env::temp_dir().join(format!("rbuild-sources-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        let store = Store::open(&root).expect("open");
+        let root = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(root.path()).expect("open");
         let digest = Digest::of(b"layer");
         let other = Digest::of(b"other");
         assert!(store.blob_sources(&digest).is_empty());
@@ -126,7 +122,10 @@ mod tests {
         store.add_blob_source(&digest, &cache).expect("add");
         store.add_blob_source(&digest, &base).expect("add");
         store.add_blob_source(&other, &cache).expect("add");
-        assert_eq!(store.blob_sources(&digest), vec![base.clone(), cache.clone()]);
+        assert_eq!(
+            store.blob_sources(&digest),
+            vec![base.clone(), cache.clone()]
+        );
         assert_eq!(base.name(), "127.0.0.1:5000/base");
         let removed = store
             .remove_blob_sources(|kept| *kept == digest)
@@ -134,7 +133,5 @@ mod tests {
         assert_eq!(removed, 1);
         assert!(store.blob_sources(&other).is_empty());
         assert_eq!(store.blob_sources(&digest).len(), 2);
-        drop(store);
-        let _ = fs::remove_dir_all(&root);
     }
 }

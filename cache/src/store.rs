@@ -451,8 +451,11 @@ impl Store {
         // Docker reads `sha256:…` and 64 hex digits as an id, never as a name.
         let id_only = text.starts_with("sha256:") || (text.len() == 64 && is_hex(text));
         if !id_only && let Ok(reference) = Reference::parse(text) {
-            let found = match reference.digest() {
-                Some(digest) => self
+            let found = match (self.record(&reference)?, reference.digest()) {
+                // The exact name first: a pull by an index's digest names the platform's
+                // manifest by that digest.
+                (Some(record), _) => vec![record],
+                (None, Some(digest)) => self
                     .records()?
                     .into_iter()
                     .filter(|record| {
@@ -462,7 +465,7 @@ impl Store {
                                 .is_some_and(|name| name.name() == reference.name())
                     })
                     .collect(),
-                None => self.record(&reference)?.into_iter().collect::<Vec<_>>(),
+                (None, None) => Vec::new(),
             };
             if !found.is_empty() {
                 return Ok(found);
@@ -680,6 +683,25 @@ mod tests {
             Err(StoreError::ImageNotFound { .. })
         ));
         assert_eq!(store.records().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_name_by_an_index_digest_finds_the_manifest_it_was_pulled_as() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let target = image(&store, "platform");
+        let index = Digest::of(b"an index");
+        let name = format!("localhost:5000/app@{index}");
+        store
+            .set_tag(&Reference::parse(&name).unwrap(), &target)
+            .unwrap();
+        let found = store.find(&name).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].target, target);
+        // By the manifest's own digest too.
+        let by_manifest = format!("localhost:5000/app@{}", target.digest);
+        assert_eq!(store.find(&by_manifest).unwrap()[0].target, target);
+        assert!(store.find("localhost:5000/other@sha256:0000000000000000000000000000000000000000000000000000000000000000").is_err());
     }
 
     #[test]

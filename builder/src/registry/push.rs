@@ -196,9 +196,9 @@ fn push_blob(
                 eprintln!("mounted {} from {from}", blob.digest);
                 return Ok(());
             }
-            // No pull on the source for these credentials: upload it instead.
+            // No pull on the source for these credentials: try the next, or upload it.
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => eprintln!(
-                "cannot mount {} from {from} ({}): uploading it",
+                "cannot mount {} from {from} ({})",
                 blob.digest,
                 response.status()
             ),

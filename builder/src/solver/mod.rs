@@ -586,9 +586,9 @@ impl Solver {
             let (returned, outcome) = self
                 .blocking(move |solver| {
                     let step = &solver.graph.stages[position].steps[step_index];
-                    let outcome = solver.step(step, &mut built, id).map_err(|error| {
-                        solver.located(step, error)
-                    });
+                    let outcome = solver
+                        .step(step, &mut built, id)
+                        .map_err(|error| solver.located(step, error));
                     (built, outcome)
                 })
                 .await;

@@ -268,13 +268,11 @@ impl Solver {
                 elsewhere.push(layer.target.clone());
             }
         }
-        crate::registry::fetch_missing(&self.store, &elsewhere).map_err(|error| {
-            SolveError::Step {
-                message: format!(
-                    "fetching layers: {}",
-                    crate::commands::image::chain_text(&error)
-                ),
-            }
+        crate::registry::fetch_missing(&self.store, &elsewhere).map_err(|error| SolveError::Step {
+            message: format!(
+                "fetching layers: {}",
+                crate::commands::image::chain_text(&error)
+            ),
         })
     }
 
