@@ -314,6 +314,45 @@ pub fn run(root: &std::path::Path, arguments: &crate::cli::RunArguments) -> u8 {
     }
 }
 
+/// The image `name` names in the store; when there is none and `name` is a reference, it is
+/// pulled for the host's platform (lazily: the layers come with [`fetch_unpacked_layers`]),
+/// as `docker run` does.
+fn find_or_pull(
+    store: &rbuild_cache::Store,
+    name: &str,
+) -> Result<rbuild_cache::Image, Box<dyn std::error::Error>> {
+    match store.find(name) {
+        Ok(records) => Ok(store.image(&records[0].target)?),
+        Err(rbuild_cache::StoreError::ImageNotFound { .. })
+            if rbuild_cache::Reference::parse(name).is_ok() =>
+        {
+            let reference = rbuild_cache::Reference::parse(name)?;
+            eprintln!("image {name} is not in the store: pulling it");
+            let target = crate::registry::pull_lazily(
+                store,
+                &reference,
+                &rbuild_frontend::Platform::host(),
+            )?;
+            Ok(store.image(&target)?)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Fetches the layers of `image` that are neither in the store nor unpacked.
+fn fetch_unpacked_layers(
+    store: &rbuild_cache::Store,
+    image: &rbuild_cache::Image,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let needed: Vec<rbuild_cache::Target> = rbuild_cache::snapshot::layers_with_diff_ids(image)?
+        .into_iter()
+        .filter(|(_, diff_id)| !store.snapshots_directory().join(diff_id.hex()).is_dir())
+        .map(|(target, _)| target)
+        .collect();
+    crate::registry::fetch_missing(store, &needed)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,43 +484,4 @@ mod tests {
         assert_eq!(parse_cpus("1.5").unwrap(), 1.5);
         assert!(parse_cpus("0").is_err() && parse_cpus("nan").is_err());
     }
-}
-
-/// The image `name` names in the store; when there is none and `name` is a reference, it is
-/// pulled for the host's platform (lazily: the layers come with [`fetch_unpacked_layers`]),
-/// as `docker run` does.
-fn find_or_pull(
-    store: &rbuild_cache::Store,
-    name: &str,
-) -> Result<rbuild_cache::Image, Box<dyn std::error::Error>> {
-    match store.find(name) {
-        Ok(records) => Ok(store.image(&records[0].target)?),
-        Err(rbuild_cache::StoreError::ImageNotFound { .. })
-            if rbuild_cache::Reference::parse(name).is_ok() =>
-        {
-            let reference = rbuild_cache::Reference::parse(name)?;
-            eprintln!("image {name} is not in the store: pulling it");
-            let target = crate::registry::pull_lazily(
-                store,
-                &reference,
-                &rbuild_frontend::Platform::host(),
-            )?;
-            Ok(store.image(&target)?)
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-/// Fetches the layers of `image` that are neither in the store nor unpacked.
-fn fetch_unpacked_layers(
-    store: &rbuild_cache::Store,
-    image: &rbuild_cache::Image,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let needed: Vec<rbuild_cache::Target> = rbuild_cache::snapshot::layers_with_diff_ids(image)?
-        .into_iter()
-        .filter(|(_, diff_id)| !store.snapshots_directory().join(diff_id.hex()).is_dir())
-        .map(|(target, _)| target)
-        .collect();
-    crate::registry::fetch_missing(store, &needed)?;
-    Ok(())
 }
