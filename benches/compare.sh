@@ -423,19 +423,8 @@ fi
 
 # --- table ------------------------------------------------------------------------------
 
-median() { # median SCENARIO ENGINE: the median of the recorded seconds, FAILED, or "-"
-    if [ -n "${failed["$1 $2"]:-}" ]; then
-        echo FAILED
-        return
-    fi
-    awk -v s="$1" -v e="$2" '$1 == s && $2 == e { print $3 }' "$results" | sort -g |
-        awk '{ v[NR] = $1 } END {
-            if (NR == 0) { print "-"; exit }
-            if (NR % 2) printf "%.3f\n", v[(NR + 1) / 2]
-            else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2
-        }'
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
+# Medians and ratios: benches/table.sh.
+. "$repo/benches/table.sh"
 target() {
     case $1 in
     no-op | one-change) echo "<=0.20" ;; parallel) echo "<=0.80" ;; 60-steps) echo "<=0.33" ;;
@@ -447,9 +436,9 @@ echo
 echo "Medians of $runs runs, seconds (wall clock); ratios are rbuild/peer; target is rbuild/BuildKit"
 printf '%-11s %9s %9s %9s %13s %14s %8s\n' scenario rbuild docker buildah rbuild/docker rbuild/buildah target
 for scenario in $scenarios; do
-    r=$(median "$scenario" rbuild)
-    d=$(median "$scenario" docker)
-    b=$(median "$scenario" buildah)
+    r=$(median "$results" "$scenario" rbuild)
+    d=$(median "$results" "$scenario" docker)
+    b=$(median "$results" "$scenario" buildah)
     printf '%-11s %9s %9s %9s %13s %14s %8s\n' "$scenario" "$r" "$d" "$b" \
         "$(ratio "$r" "$d")" "$(ratio "$r" "$b")" "$(target "$scenario")"
 done

@@ -364,20 +364,9 @@ done
 
 # --- table ------------------------------------------------------------------------------
 
-median() { # median OPERATION TOOL: the median of the recorded seconds, FAILED, or "-"
-    if [ -n "${failed["$1 $2"]:-}" ]; then
-        echo FAILED
-        return
-    fi
-    awk -v o="$1" -v t="$2" '$1 == o && $2 == t { print $3 }' "$times" | sort -g |
-        awk '{ v[NR] = $1 } END {
-            if (NR == 0) { print "-"; exit }
-            if (NR % 2) printf "%.3f\n", v[(NR + 1) / 2]
-            else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2
-        }'
-}
+# Medians and ratios: benches/table.sh.
+. "$repo/benches/table.sh"
 throughput() { awk -v b="$image_bytes" -v s="$1" 'BEGIN { if (s !~ /^[0-9.]+$/ || s == 0) print "-"; else printf "%.1f\n", b / 1000000 / s }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
 
 {
     echo
@@ -387,15 +376,15 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]
     printf '%-9s %-7s %9s %8s %14s\n' operation tool "median s" "MB/s" rbuild/skopeo
     for operation in push pull; do
         case " $operations " in *" $operation "*) ;; *) continue ;; esac
-        r=$(median "$operation" rbuild)
-        s=$(median "$operation" skopeo)
+        r=$(median "$times" "$operation" rbuild)
+        s=$(median "$times" "$operation" skopeo)
         printf '%-9s %-7s %9s %8s %14s\n' "$operation" rbuild "$r" "$(throughput "$r")" "$(ratio "$r" "$s")"
         printf '%-9s %-7s %9s %8s %14s\n' "$operation" skopeo "$s" "$(throughput "$s")" ""
     done
     for tool in $ci_tools; do
         case " $operations " in *" ci "*) ;; *) break ;; esac
         downloaded=$(awk -v t="$tool" '$1 == t { print $2 }' "$work/ci-bytes.txt" | sort -g | tail -n 1)
-        printf '%-9s %-7s %9s   downloaded at most %s bytes of blobs\n' ci "$tool" "$(median ci "$tool")" "${downloaded:--}"
+        printf '%-9s %-7s %9s   downloaded at most %s bytes of blobs\n' ci "$tool" "$(median "$times" ci "$tool")" "${downloaded:--}"
     done
     echo "runs:"
     sed 's/^/  /' "$times"

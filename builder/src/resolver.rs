@@ -44,17 +44,14 @@ impl<'a> StoreImages<'a> {
     /// The image `reference` names in the store.
     pub fn lookup(&self, reference: &str) -> Option<Image> {
         let store = self.store?;
+        // As a full reference, never read as an image id; `find` takes the exact name first
+        // (a pull by an index's digest), then a record of that manifest digest.
         let reference = Reference::parse(reference).ok()?;
-        // A pull by digest names the image by that digest even when it is an index's.
-        let record = match store.record(&reference).ok()? {
-            Some(record) => record,
-            None if reference.digest().is_some() => store
-                .find(&reference.to_string())
-                .ok()?
-                .into_iter()
-                .next()?,
-            None => return None,
-        };
+        let record = store
+            .find(&reference.to_string())
+            .ok()?
+            .into_iter()
+            .next()?;
         store.image(&record.target).ok()
     }
 }
@@ -71,12 +68,13 @@ impl ImageResolver for StoreImages<'_> {
                 if failures.iter().any(|(failed, _)| failed == reference) {
                     return None;
                 }
-                if let Err(error) = crate::registry::pull_lazily(store, &parsed, platform) {
-                    failures.push((reference.to_string(), error));
-                    return None;
+                match crate::registry::pull_lazily(store, &parsed, platform) {
+                    Ok(target) => store.image(&target).ok()?,
+                    Err(error) => {
+                        failures.push((reference.to_string(), error));
+                        return None;
+                    }
                 }
-                drop(failures);
-                self.lookup(reference)?
             }
             None => return None,
         };

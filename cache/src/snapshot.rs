@@ -69,6 +69,11 @@ pub enum SnapshotError {
     },
 }
 
+/// Whether the layer `diff_id` is unpacked already, so that its snapshot needs no blob.
+pub fn is_unpacked(store: &Store, diff_id: &Digest) -> bool {
+    store.snapshots_directory().join(diff_id.hex()).is_dir()
+}
+
 /// The snapshot directory of a layer, unpacking it first if needed. The blob is verified
 /// against its digest and the unpacked tar against `diff_id` while it streams; on a mismatch
 /// nothing is kept.

@@ -346,7 +346,7 @@ fn fetch_unpacked_layers(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let needed: Vec<rbuild_cache::Target> = rbuild_cache::snapshot::layers_with_diff_ids(image)?
         .into_iter()
-        .filter(|(_, diff_id)| !store.snapshots_directory().join(diff_id.hex()).is_dir())
+        .filter(|(_, diff_id)| !rbuild_cache::snapshot::is_unpacked(store, diff_id))
         .map(|(target, _)| target)
         .collect();
     crate::registry::fetch_missing(store, &needed)?;

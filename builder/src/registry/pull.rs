@@ -497,17 +497,13 @@ pub fn fetch_missing(store: &Store, targets: &[Target]) -> Result<(), RegistryEr
             }
         }
         for (name, blobs) in groups {
-            let client = match clients.get(&name) {
-                Some(client) => client,
-                None => {
-                    let reference = Reference::parse(&name).map_err(|error| {
-                        RegistryError::Store(rbuild_cache::StoreError::Reference(error))
-                    })?;
-                    clients.insert(name.clone(), Client::new(&reference, false)?);
-                    &clients[&name]
-                }
-            };
-            if let Err(error) = download_all(store, client, &blobs) {
+            if !clients.contains_key(&name) {
+                let reference = Reference::parse(&name).map_err(|error| {
+                    RegistryError::Store(rbuild_cache::StoreError::Reference(error))
+                })?;
+                clients.insert(name.clone(), Client::new(&reference, false)?);
+            }
+            if let Err(error) = download_all(store, &clients[&name], &blobs) {
                 if round + 1 < rounds {
                     eprintln!("warning: {}; trying another source", chain_text(&error));
                 }
@@ -515,17 +511,16 @@ pub fn fetch_missing(store: &Store, targets: &[Target]) -> Result<(), RegistryEr
             }
         }
     }
-    match (
-        missing
-            .iter()
-            .find(|target| !store.content().contains(&target.digest)),
-        last_error,
-    ) {
-        (None, _) => Ok(()),
-        (Some(_), Some(error)) => Err(error),
-        (Some(target), None) => Err(RegistryError::NoSource {
-            digest: target.digest.clone(),
-        }),
+    // Every blob had a source in the first round: one still missing failed every source.
+    match last_error {
+        Some(error)
+            if missing
+                .iter()
+                .any(|target| !store.content().contains(&target.digest)) =>
+        {
+            Err(error)
+        }
+        _ => Ok(()),
     }
 }
 

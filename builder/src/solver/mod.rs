@@ -447,18 +447,17 @@ impl Solver {
         }
         let parsed = Reference::parse(reference).map_err(|error| self.step_error(step, error))?;
         let platform = &self.graph.target_stage().platform;
-        crate::registry::pull_lazily(&self.store, &parsed, platform).map_err(|error| {
-            self.step_error(
-                step,
-                format!(
-                    "image {reference} is not in the store, and pulling it failed: {}",
-                    crate::commands::image::chain_text(&error)
-                ),
-            )
-        })?;
-        images
-            .lookup(reference)
-            .ok_or_else(|| self.step_error(step, format!("image {reference} is not in the store")))
+        let target =
+            crate::registry::pull_lazily(&self.store, &parsed, platform).map_err(|error| {
+                self.step_error(
+                    step,
+                    format!(
+                        "image {reference} is not in the store, and pulling it failed: {}",
+                        crate::commands::image::chain_text(&error)
+                    ),
+                )
+            })?;
+        Ok(self.store.image(&target)?)
     }
 
     /// The snapshot directories of an image's layers, topmost first, fetching the layers it
@@ -925,15 +924,9 @@ impl Solver {
     /// The snapshot directories of `layers`, topmost first (overlayfs's lowerdir order).
     fn snapshot_directories(&self, layers: &[LayerRecord]) -> Result<Vec<PathBuf>, SolveError> {
         // A layer unpacked before needs no blob.
-        let unpacked = |layer: &&LayerRecord| {
-            self.store
-                .snapshots_directory()
-                .join(layer.diff_id.hex())
-                .is_dir()
-        };
         let needed: Vec<LayerRecord> = layers
             .iter()
-            .filter(|layer| !unpacked(layer))
+            .filter(|layer| !snapshot::is_unpacked(&self.store, &layer.diff_id))
             .cloned()
             .collect();
         self.ensure_local(&needed)?;
